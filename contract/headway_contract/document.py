@@ -1,0 +1,623 @@
+"""The contract document: frozen dataclasses, parsing and canonical JSON.
+
+Parsing walks the JSON by hand instead of splatting it into constructors, so
+an unknown key or a wrong type is refused with the field path and the value.
+Durations are seconds (floats), money is a decimal string, tokens are ints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import Any, TypeVar
+
+SCHEMA_VERSION = 1
+CLASSES = ("realtime", "batch")
+FAIL_MODES = ("open", "closed")
+ON_EXCEEDED = ("reject", "demote")
+
+T = TypeVar("T")
+
+
+class ContractError(ValueError):
+    """A document that does not follow the contract; names the field path."""
+
+    def __init__(self, path: str, value: object, message: str) -> None:
+        shown = json.dumps(value, default=str)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        super().__init__(f"{path or '<document>'}: {message} (got {shown})")
+        self.path = path
+        self.value = value
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSettings:
+    max_depth: int  # waiting requests of this class per replica
+    timeout: float  # seconds a request may wait, from arrival
+
+
+@dataclass(frozen=True, slots=True)
+class Capacity:
+    max_concurrency: int  # requests in flight to the local model server
+    batch_max_share: float  # in (0, 1]: share of slots batch may hold
+    realtime: QueueSettings
+    batch: QueueSettings
+
+    @property
+    def batch_slots(self) -> int:
+        return max(1, int(self.max_concurrency * self.batch_max_share))
+
+    def queue(self, priority: str) -> QueueSettings:
+        return self.realtime if priority == "realtime" else self.batch
+
+
+@dataclass(frozen=True, slots=True)
+class Server:
+    port: int  # the model server's port on localhost
+    models: tuple[str, ...]  # names the server accepts in "model"
+    host: str = "127.0.0.1"
+
+
+@dataclass(frozen=True, slots=True)
+class Pricing:
+    input_per_million: Decimal
+    output_per_million: Decimal
+    currency: str
+
+    def cost(self, input_tokens: int, output_tokens: int) -> Decimal:
+        return (
+            self.input_per_million * input_tokens + self.output_per_million * output_tokens
+        ) / 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class PoolRef:
+    """A pool a route can reach: its Service address and its prices."""
+
+    name: str
+    address: str  # base URL of the pool's sidecars, e.g. http://pool.ns.svc:8080
+    pricing: Pricing | None
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    pool: str
+    weight: int
+    model: str | None  # model name sent upstream; None keeps the client's
+
+
+@dataclass(frozen=True, slots=True)
+class PriorityPolicy:
+    default: str
+    allow_override: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    model: str
+    backends: tuple[Backend, ...]
+    fallback: tuple[Backend, ...]
+    priority: PriorityPolicy
+    default_max_tokens: int
+    first_token_timeout: float  # seconds from dispatch to the first token
+    total_timeout: float  # seconds from arrival to the end
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    tokens_per_minute: int | None = None
+    requests_per_minute: int | None = None
+    tokens_per_day: int | None = None
+    concurrent_requests: int | None = None
+    cost_per_month: Decimal | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaPriority:
+    default: str | None
+    allowed: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    id: str  # "<namespace>/<name>", the Redis hash tag
+    limits: Limits
+    routes: tuple[str, ...] | None  # None: every route
+    priority: QuotaPriority
+    on_exceeded: str
+    fair_share_weight: int
+
+    def applies_to(self, route: str) -> bool:
+        return self.routes is None or route in self.routes
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    name: str
+    key_hashes: tuple[str, ...]
+    quotas: tuple[Quota, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSettings:
+    url: str
+    password_file: str | None = None
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Limiter:
+    redis: RedisSettings | None  # None: in-memory limits on this replica
+    fail_mode: str = "open"
+    # NB: tens of milliseconds at most, or a frozen Redis delays every request.
+    redis_timeout: float = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    generation: int
+    namespace: str
+    pool: str
+    server: Server
+    capacity: Capacity
+    replicas: int
+    routes: tuple[Route, ...]
+    pools: tuple[PoolRef, ...]
+    tenants: tuple[Tenant, ...]
+    limiter: Limiter
+    pricing: Pricing | None
+    max_body_bytes: int = 34 * 1024 * 1024
+    version: str = field(default="", compare=False)
+
+    def route(self, model: str) -> Route | None:
+        for route in self.routes:
+            if route.model == model:
+                return route
+        return None
+
+    def pool_ref(self, name: str) -> PoolRef | None:
+        for ref in self.pools:
+            if ref.name == name:
+                return ref
+        return None
+
+
+# -- parsing ---------------------------------------------------------------------------------
+
+
+class _Reader:
+    """A cursor over one JSON object that knows its field path."""
+
+    def __init__(self, data: object, path: str) -> None:
+        if not isinstance(data, Mapping):
+            raise ContractError(path, data, "expected an object")
+        self.data = data
+        self.path = path
+        self.seen: set[str] = set()
+
+    def _at(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def raw(self, key: str, default: object = ...) -> object:
+        self.seen.add(key)
+        if key not in self.data or self.data[key] is None:
+            if default is ...:
+                raise ContractError(self._at(key), None, "is required")
+            return default
+        return self.data[key]
+
+    def str(self, key: str, default: object = ..., choices: Sequence[str] = ()) -> Any:
+        value = self.raw(key, default)
+        if value is default and default is not ...:
+            return value
+        if not isinstance(value, str) or not value:
+            raise ContractError(self._at(key), value, "expected a non-empty string")
+        if choices and value not in choices:
+            raise ContractError(self._at(key), value, f"expected one of {list(choices)}")
+        return value
+
+    def int(self, key: str, default: object = ..., minimum: int = 0) -> Any:
+        value = self.raw(key, default)
+        if value is default and default is not ...:
+            return value
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ContractError(self._at(key), value, "expected an integer")
+        if value < minimum:
+            raise ContractError(self._at(key), value, f"must be at least {minimum}")
+        return value
+
+    def float(self, key: str, default: object = ..., positive: bool = True) -> Any:
+        value = self.raw(key, default)
+        if value is default and default is not ...:
+            return value
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ContractError(self._at(key), value, "expected a number")
+        if positive and value <= 0:
+            raise ContractError(self._at(key), value, "must be positive")
+        return float(value)
+
+    def bool(self, key: str, default: object = ...) -> Any:
+        value = self.raw(key, default)
+        if not isinstance(value, bool):
+            raise ContractError(self._at(key), value, "expected true or false")
+        return value
+
+    def decimal(self, key: str, default: object = ...) -> Any:
+        value = self.raw(key, default)
+        if value is default and default is not ...:
+            return value
+        try:
+            if not isinstance(value, str):
+                raise InvalidOperation
+            amount = Decimal(value)
+        except InvalidOperation:
+            raise ContractError(self._at(key), value, "expected a decimal string") from None
+        if not amount.is_finite() or amount < 0:
+            raise ContractError(self._at(key), value, "expected a non-negative amount")
+        return amount
+
+    def strings(self, key: str, default: object = ..., choices: Sequence[str] = ()) -> Any:
+        value = self.raw(key, default)
+        if value is default and default is not ...:
+            return value
+        if not isinstance(value, list):
+            raise ContractError(self._at(key), value, "expected a list of strings")
+        for index, item in enumerate(value):
+            if not isinstance(item, str) or not item:
+                raise ContractError(f"{self._at(key)}[{index}]", item, "expected a string")
+            if choices and item not in choices:
+                raise ContractError(
+                    f"{self._at(key)}[{index}]", item, f"expected one of {list(choices)}"
+                )
+        return tuple(value)
+
+    def obj(self, key: str) -> _Reader:
+        return _Reader(self.raw(key, {}), self._at(key))
+
+    def objects(self, key: str, parse_one: Callable[[_Reader], T]) -> tuple[T, ...]:
+        value = self.raw(key, [])
+        if not isinstance(value, list):
+            raise ContractError(self._at(key), value, "expected a list")
+        items = []
+        for index, item in enumerate(value):
+            reader = _Reader(item, f"{self._at(key)}[{index}]")
+            items.append(parse_one(reader))
+            reader.done()
+        return tuple(items)
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.seen)
+        if unknown:
+            raise ContractError(self._at(unknown[0]), self.data[unknown[0]], "unknown field")
+
+
+def _sub(reader: _Reader, key: str, parse_one: Callable[[_Reader], T]) -> T:
+    sub = reader.obj(key)
+    result = parse_one(sub)
+    sub.done()
+    return result
+
+
+def _optional(reader: _Reader, key: str, parse_one: Callable[[_Reader], T]) -> T | None:
+    if reader.raw(key, None) is None:
+        return None
+    return _sub(reader, key, parse_one)
+
+
+def _queue(r: _Reader) -> QueueSettings:
+    return QueueSettings(max_depth=r.int("maxDepth", minimum=1), timeout=r.float("timeout"))
+
+
+def _capacity(r: _Reader) -> Capacity:
+    share = r.float("batchMaxShare")
+    if share > 1:
+        raise ContractError(f"{r.path}.batchMaxShare", share, "must be in (0, 1]")
+    queues = r.obj("queues")
+    capacity = Capacity(
+        max_concurrency=r.int("maxConcurrency", minimum=1),
+        batch_max_share=share,
+        realtime=_sub(queues, "realtime", _queue),
+        batch=_sub(queues, "batch", _queue),
+    )
+    queues.done()
+    return capacity
+
+
+def _server(r: _Reader) -> Server:
+    models = r.strings("models")
+    if not models:
+        raise ContractError(f"{r.path}.models", [], "needs at least one model")
+    return Server(
+        port=r.int("port", minimum=1), models=models, host=r.str("host", default="127.0.0.1")
+    )
+
+
+def _pricing(r: _Reader) -> Pricing:
+    return Pricing(
+        input_per_million=r.decimal("inputPerMillionTokens"),
+        output_per_million=r.decimal("outputPerMillionTokens"),
+        currency=r.str("currency", default="USD"),
+    )
+
+
+def _pool_ref(r: _Reader) -> PoolRef:
+    return PoolRef(
+        name=r.str("name"), address=r.str("address"), pricing=_optional(r, "pricing", _pricing)
+    )
+
+
+def _backend(r: _Reader) -> Backend:
+    return Backend(
+        pool=r.str("pool"), weight=r.int("weight", default=1), model=r.str("model", default=None)
+    )
+
+
+def _route(r: _Reader) -> Route:
+    backends = r.objects("backends", _backend)
+    if not backends:
+        raise ContractError(f"{r.path}.backends", [], "needs at least one backend")
+    if sum(b.weight for b in backends) <= 0:
+        raise ContractError(f"{r.path}.backends", [b.weight for b in backends], "weights sum to 0")
+    priority = r.obj("priority")
+    policy = PriorityPolicy(
+        default=priority.str("default", default="realtime", choices=CLASSES),
+        allow_override=priority.bool("allowOverride", default=True),
+    )
+    priority.done()
+    timeouts = r.obj("timeouts")
+    route = Route(
+        model=r.str("model"),
+        backends=backends,
+        fallback=r.objects("fallback", _backend),
+        priority=policy,
+        default_max_tokens=r.int("defaultMaxTokens", default=512, minimum=1),
+        first_token_timeout=timeouts.float("firstToken", default=30.0),
+        total_timeout=timeouts.float("total", default=600.0),
+    )
+    timeouts.done()
+    return route
+
+
+def _limits(r: _Reader) -> Limits:
+    return Limits(
+        tokens_per_minute=r.int("tokensPerMinute", default=None, minimum=1),
+        requests_per_minute=r.int("requestsPerMinute", default=None, minimum=1),
+        tokens_per_day=r.int("tokensPerDay", default=None, minimum=1),
+        concurrent_requests=r.int("concurrentRequests", default=None, minimum=1),
+        cost_per_month=r.decimal("costPerMonth", default=None),
+    )
+
+
+def _quota(r: _Reader) -> Quota:
+    priority = r.obj("priority")
+    allowed = priority.strings("allowed", default=CLASSES, choices=CLASSES)
+    default = priority.str("default", default=None, choices=CLASSES)
+    priority.done()
+    if default is not None and default not in allowed:
+        raise ContractError(f"{r.path}.priority.default", default, "is not an allowed class")
+    return Quota(
+        id=r.str("id"),
+        limits=_sub(r, "limits", _limits),
+        routes=r.strings("routes", default=None),
+        priority=QuotaPriority(default=default, allowed=allowed),
+        on_exceeded=r.str("onExceeded", default="reject", choices=ON_EXCEEDED),
+        fair_share_weight=r.int("fairShareWeight", default=1, minimum=1),
+    )
+
+
+def _tenant(r: _Reader) -> Tenant:
+    return Tenant(
+        name=r.str("name"), key_hashes=r.strings("keyHashes"), quotas=r.objects("quotas", _quota)
+    )
+
+
+def _redis(r: _Reader) -> RedisSettings:
+    return RedisSettings(
+        url=r.str("url"),
+        password_file=r.str("passwordFile", default=None),
+        tls_ca_file=r.str("tlsCaFile", default=None),
+        tls_cert_file=r.str("tlsCertFile", default=None),
+        tls_key_file=r.str("tlsKeyFile", default=None),
+    )
+
+
+def _limiter(r: _Reader) -> Limiter:
+    return Limiter(
+        redis=_optional(r, "redis", _redis),
+        fail_mode=r.str("failMode", default="open", choices=FAIL_MODES),
+        redis_timeout=r.float("redisTimeout", default=0.05),
+    )
+
+
+def parse(data: object) -> Document:
+    """Build a :class:`Document` from decoded JSON, or raise :class:`ContractError`."""
+    r = _Reader(data, "")
+    schema = r.raw("schemaVersion")
+    if schema != SCHEMA_VERSION:
+        raise ContractError(
+            "schemaVersion", schema, f"unsupported; this build reads {SCHEMA_VERSION}"
+        )
+    doc = Document(
+        generation=r.int("generation"),
+        namespace=r.str("namespace"),
+        pool=r.str("pool"),
+        server=_sub(r, "server", _server),
+        capacity=_sub(r, "capacity", _capacity),
+        replicas=r.int("replicas", default=1, minimum=1),
+        routes=r.objects("routes", _route),
+        pools=r.objects("pools", _pool_ref),
+        tenants=r.objects("tenants", _tenant),
+        limiter=_sub(r, "limiter", _limiter),
+        pricing=_optional(r, "pricing", _pricing),
+        max_body_bytes=r.int("maxBodyBytes", default=34 * 1024 * 1024, minimum=1024),
+        version=r.str("version", default=""),
+    )
+    r.done()
+    _check_references(doc)
+    expected = version_of(to_dict(doc))
+    if doc.version and doc.version != expected:
+        raise ContractError("version", doc.version, f"does not match the content ({expected})")
+    return _with_version(doc, expected)
+
+
+def _check_references(doc: Document) -> None:
+    known = {ref.name for ref in doc.pools} | {doc.pool}
+    for i, route in enumerate(doc.routes):
+        for key, backends in (("backends", route.backends), ("fallback", route.fallback)):
+            for j, backend in enumerate(backends):
+                if backend.pool not in known:
+                    path = f"routes[{i}].{key}[{j}].pool"
+                    raise ContractError(path, backend.pool, "names no pool in 'pools'")
+    seen: dict[str, str] = {}
+    for tenant in doc.tenants:
+        for key_hash in tenant.key_hashes:
+            if seen.setdefault(key_hash, tenant.name) != tenant.name:
+                raise ContractError("tenants", tenant.name, "shares an API key with another tenant")
+
+
+def _with_version(doc: Document, version: str) -> Document:
+    from dataclasses import replace
+
+    return replace(doc, version=version)
+
+
+def loads(text: str | bytes) -> Document:
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ContractError("", str(e), "is not valid JSON") from None
+    return parse(data)
+
+
+# -- serialising -----------------------------------------------------------------------------
+
+
+def _money(amount: Decimal) -> str:
+    return format(amount.normalize(), "f") if amount else "0"
+
+
+def _pricing_dict(p: Pricing | None) -> dict[str, Any] | None:
+    if p is None:
+        return None
+    return {
+        "inputPerMillionTokens": _money(p.input_per_million),
+        "outputPerMillionTokens": _money(p.output_per_million),
+        "currency": p.currency,
+    }
+
+
+def _backend_dict(b: Backend) -> dict[str, Any]:
+    return {"pool": b.pool, "weight": b.weight, "model": b.model}
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list | tuple):
+        return [_drop_none(v) for v in value]
+    return value
+
+
+def to_dict(doc: Document) -> dict[str, Any]:
+    """The JSON form of a document, without its ``version`` field."""
+    cap = doc.capacity
+    data = {
+        "schemaVersion": SCHEMA_VERSION,
+        "generation": doc.generation,
+        "namespace": doc.namespace,
+        "pool": doc.pool,
+        "server": {"port": doc.server.port, "models": doc.server.models, "host": doc.server.host},
+        "capacity": {
+            "maxConcurrency": cap.max_concurrency,
+            "batchMaxShare": cap.batch_max_share,
+            "queues": {
+                c: {"maxDepth": q.max_depth, "timeout": q.timeout}
+                for c, q in (("realtime", cap.realtime), ("batch", cap.batch))
+            },
+        },
+        "replicas": doc.replicas,
+        "routes": [
+            {
+                "model": r.model,
+                "backends": [_backend_dict(b) for b in r.backends],
+                "fallback": [_backend_dict(b) for b in r.fallback],
+                "priority": {
+                    "default": r.priority.default,
+                    "allowOverride": r.priority.allow_override,
+                },
+                "defaultMaxTokens": r.default_max_tokens,
+                "timeouts": {"firstToken": r.first_token_timeout, "total": r.total_timeout},
+            }
+            for r in doc.routes
+        ],
+        "pools": [
+            {"name": p.name, "address": p.address, "pricing": _pricing_dict(p.pricing)}
+            for p in doc.pools
+        ],
+        "tenants": [
+            {
+                "name": t.name,
+                "keyHashes": sorted(t.key_hashes),
+                "quotas": [
+                    {
+                        "id": q.id,
+                        "limits": {
+                            "tokensPerMinute": q.limits.tokens_per_minute,
+                            "requestsPerMinute": q.limits.requests_per_minute,
+                            "tokensPerDay": q.limits.tokens_per_day,
+                            "concurrentRequests": q.limits.concurrent_requests,
+                            "costPerMonth": _money(q.limits.cost_per_month)
+                            if q.limits.cost_per_month is not None
+                            else None,
+                        },
+                        "routes": q.routes,
+                        "priority": {"default": q.priority.default, "allowed": q.priority.allowed},
+                        "onExceeded": q.on_exceeded,
+                        "fairShareWeight": q.fair_share_weight,
+                    }
+                    for q in t.quotas
+                ],
+            }
+            for t in doc.tenants
+        ],
+        "limiter": {
+            "redis": None
+            if doc.limiter.redis is None
+            else {
+                "url": doc.limiter.redis.url,
+                "passwordFile": doc.limiter.redis.password_file,
+                "tlsCaFile": doc.limiter.redis.tls_ca_file,
+                "tlsCertFile": doc.limiter.redis.tls_cert_file,
+                "tlsKeyFile": doc.limiter.redis.tls_key_file,
+            },
+            "failMode": doc.limiter.fail_mode,
+            "redisTimeout": doc.limiter.redis_timeout,
+        },
+        "pricing": _pricing_dict(doc.pricing),
+        "maxBodyBytes": doc.max_body_bytes,
+    }
+    result: dict[str, Any] = _drop_none(data)
+    return result
+
+
+def _canonical(data: Mapping[str, Any]) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def version_of(data: Mapping[str, Any]) -> str:
+    """The content hash both sides compare; ignores ``version`` and ``generation``."""
+    content = {k: v for k, v in data.items() if k not in ("version", "generation")}
+    return "sha256:" + hashlib.sha256(_canonical(content).encode("utf-8")).hexdigest()[:32]
+
+
+def dumps(doc: Document) -> str:
+    """Canonical JSON with the version filled in: sorted keys, no extra whitespace."""
+    data = to_dict(doc)
+    data["version"] = version_of(data)
+    return _canonical(data)

@@ -1,0 +1,1 @@
+"""Headway's control plane: CR parsing, rendering, kopf handlers, config push, autoscaling."""
