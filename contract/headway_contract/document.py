@@ -212,7 +212,7 @@ class _Reader:
             return default
         return self.data[key]
 
-    def str(self, key: str, default: object = ..., choices: Sequence[str] = ()) -> Any:
+    def text(self, key: str, default: object = ..., choices: Sequence[str] = ()) -> Any:
         value = self.raw(key, default)
         if value is default and default is not ...:
             return value
@@ -222,7 +222,7 @@ class _Reader:
             raise ContractError(self._at(key), value, f"expected one of {list(choices)}")
         return value
 
-    def int(self, key: str, default: object = ..., minimum: int = 0) -> Any:
+    def integer(self, key: str, default: object = ..., minimum: int = 0) -> Any:
         value = self.raw(key, default)
         if value is default and default is not ...:
             return value
@@ -232,7 +232,7 @@ class _Reader:
             raise ContractError(self._at(key), value, f"must be at least {minimum}")
         return value
 
-    def float(self, key: str, default: object = ..., positive: bool = True) -> Any:
+    def number(self, key: str, default: object = ..., positive: bool = True) -> Any:
         value = self.raw(key, default)
         if value is default and default is not ...:
             return value
@@ -242,13 +242,13 @@ class _Reader:
             raise ContractError(self._at(key), value, "must be positive")
         return float(value)
 
-    def bool(self, key: str, default: object = ...) -> Any:
+    def flag(self, key: str, default: object = ...) -> Any:
         value = self.raw(key, default)
         if not isinstance(value, bool):
             raise ContractError(self._at(key), value, "expected true or false")
         return value
 
-    def decimal(self, key: str, default: object = ...) -> Any:
+    def amount(self, key: str, default: object = ...) -> Any:
         value = self.raw(key, default)
         if value is default and default is not ...:
             return value
@@ -262,7 +262,7 @@ class _Reader:
             raise ContractError(self._at(key), value, "expected a non-negative amount")
         return amount
 
-    def strings(self, key: str, default: object = ..., choices: Sequence[str] = ()) -> Any:
+    def texts(self, key: str, default: object = ..., choices: Sequence[str] = ()) -> Any:
         value = self.raw(key, default)
         if value is default and default is not ...:
             return value
@@ -311,16 +311,16 @@ def _optional(reader: _Reader, key: str, parse_one: Callable[[_Reader], T]) -> T
 
 
 def _queue(r: _Reader) -> QueueSettings:
-    return QueueSettings(max_depth=r.int("maxDepth", minimum=1), timeout=r.float("timeout"))
+    return QueueSettings(max_depth=r.integer("maxDepth", minimum=1), timeout=r.number("timeout"))
 
 
 def _capacity(r: _Reader) -> Capacity:
-    share = r.float("batchMaxShare")
+    share = r.number("batchMaxShare")
     if share > 1:
         raise ContractError(f"{r.path}.batchMaxShare", share, "must be in (0, 1]")
     queues = r.obj("queues")
     capacity = Capacity(
-        max_concurrency=r.int("maxConcurrency", minimum=1),
+        max_concurrency=r.integer("maxConcurrency", minimum=1),
         batch_max_share=share,
         realtime=_sub(queues, "realtime", _queue),
         batch=_sub(queues, "batch", _queue),
@@ -330,31 +330,31 @@ def _capacity(r: _Reader) -> Capacity:
 
 
 def _server(r: _Reader) -> Server:
-    models = r.strings("models")
+    models = r.texts("models")
     if not models:
         raise ContractError(f"{r.path}.models", [], "needs at least one model")
     return Server(
-        port=r.int("port", minimum=1), models=models, host=r.str("host", default="127.0.0.1")
+        port=r.integer("port", minimum=1), models=models, host=r.text("host", default="127.0.0.1")
     )
 
 
 def _pricing(r: _Reader) -> Pricing:
     return Pricing(
-        input_per_million=r.decimal("inputPerMillionTokens"),
-        output_per_million=r.decimal("outputPerMillionTokens"),
-        currency=r.str("currency", default="USD"),
+        input_per_million=r.amount("inputPerMillionTokens"),
+        output_per_million=r.amount("outputPerMillionTokens"),
+        currency=r.text("currency", default="USD"),
     )
 
 
 def _pool_ref(r: _Reader) -> PoolRef:
     return PoolRef(
-        name=r.str("name"), address=r.str("address"), pricing=_optional(r, "pricing", _pricing)
+        name=r.text("name"), address=r.text("address"), pricing=_optional(r, "pricing", _pricing)
     )
 
 
 def _backend(r: _Reader) -> Backend:
     return Backend(
-        pool=r.str("pool"), weight=r.int("weight", default=1), model=r.str("model", default=None)
+        pool=r.text("pool"), weight=r.integer("weight", default=1), model=r.text("model", default=None)
     )
 
 
@@ -366,19 +366,19 @@ def _route(r: _Reader) -> Route:
         raise ContractError(f"{r.path}.backends", [b.weight for b in backends], "weights sum to 0")
     priority = r.obj("priority")
     policy = PriorityPolicy(
-        default=priority.str("default", default="realtime", choices=CLASSES),
-        allow_override=priority.bool("allowOverride", default=True),
+        default=priority.text("default", default="realtime", choices=CLASSES),
+        allow_override=priority.flag("allowOverride", default=True),
     )
     priority.done()
     timeouts = r.obj("timeouts")
     route = Route(
-        model=r.str("model"),
+        model=r.text("model"),
         backends=backends,
         fallback=r.objects("fallback", _backend),
         priority=policy,
-        default_max_tokens=r.int("defaultMaxTokens", default=512, minimum=1),
-        first_token_timeout=timeouts.float("firstToken", default=30.0),
-        total_timeout=timeouts.float("total", default=600.0),
+        default_max_tokens=r.integer("defaultMaxTokens", default=512, minimum=1),
+        first_token_timeout=timeouts.number("firstToken", default=30.0),
+        total_timeout=timeouts.number("total", default=600.0),
     )
     timeouts.done()
     return route
@@ -386,52 +386,52 @@ def _route(r: _Reader) -> Route:
 
 def _limits(r: _Reader) -> Limits:
     return Limits(
-        tokens_per_minute=r.int("tokensPerMinute", default=None, minimum=1),
-        requests_per_minute=r.int("requestsPerMinute", default=None, minimum=1),
-        tokens_per_day=r.int("tokensPerDay", default=None, minimum=1),
-        concurrent_requests=r.int("concurrentRequests", default=None, minimum=1),
-        cost_per_month=r.decimal("costPerMonth", default=None),
+        tokens_per_minute=r.integer("tokensPerMinute", default=None, minimum=1),
+        requests_per_minute=r.integer("requestsPerMinute", default=None, minimum=1),
+        tokens_per_day=r.integer("tokensPerDay", default=None, minimum=1),
+        concurrent_requests=r.integer("concurrentRequests", default=None, minimum=1),
+        cost_per_month=r.amount("costPerMonth", default=None),
     )
 
 
 def _quota(r: _Reader) -> Quota:
     priority = r.obj("priority")
-    allowed = priority.strings("allowed", default=CLASSES, choices=CLASSES)
-    default = priority.str("default", default=None, choices=CLASSES)
+    allowed = priority.texts("allowed", default=CLASSES, choices=CLASSES)
+    default = priority.text("default", default=None, choices=CLASSES)
     priority.done()
     if default is not None and default not in allowed:
         raise ContractError(f"{r.path}.priority.default", default, "is not an allowed class")
     return Quota(
-        id=r.str("id"),
+        id=r.text("id"),
         limits=_sub(r, "limits", _limits),
-        routes=r.strings("routes", default=None),
+        routes=r.texts("routes", default=None),
         priority=QuotaPriority(default=default, allowed=allowed),
-        on_exceeded=r.str("onExceeded", default="reject", choices=ON_EXCEEDED),
-        fair_share_weight=r.int("fairShareWeight", default=1, minimum=1),
+        on_exceeded=r.text("onExceeded", default="reject", choices=ON_EXCEEDED),
+        fair_share_weight=r.integer("fairShareWeight", default=1, minimum=1),
     )
 
 
 def _tenant(r: _Reader) -> Tenant:
     return Tenant(
-        name=r.str("name"), key_hashes=r.strings("keyHashes"), quotas=r.objects("quotas", _quota)
+        name=r.text("name"), key_hashes=r.texts("keyHashes"), quotas=r.objects("quotas", _quota)
     )
 
 
 def _redis(r: _Reader) -> RedisSettings:
     return RedisSettings(
-        url=r.str("url"),
-        password_file=r.str("passwordFile", default=None),
-        tls_ca_file=r.str("tlsCaFile", default=None),
-        tls_cert_file=r.str("tlsCertFile", default=None),
-        tls_key_file=r.str("tlsKeyFile", default=None),
+        url=r.text("url"),
+        password_file=r.text("passwordFile", default=None),
+        tls_ca_file=r.text("tlsCaFile", default=None),
+        tls_cert_file=r.text("tlsCertFile", default=None),
+        tls_key_file=r.text("tlsKeyFile", default=None),
     )
 
 
 def _limiter(r: _Reader) -> Limiter:
     return Limiter(
         redis=_optional(r, "redis", _redis),
-        fail_mode=r.str("failMode", default="open", choices=FAIL_MODES),
-        redis_timeout=r.float("redisTimeout", default=0.05),
+        fail_mode=r.text("failMode", default="open", choices=FAIL_MODES),
+        redis_timeout=r.number("redisTimeout", default=0.05),
     )
 
 
@@ -444,19 +444,19 @@ def parse(data: object) -> Document:
             "schemaVersion", schema, f"unsupported; this build reads {SCHEMA_VERSION}"
         )
     doc = Document(
-        generation=r.int("generation"),
-        namespace=r.str("namespace"),
-        pool=r.str("pool"),
+        generation=r.integer("generation"),
+        namespace=r.text("namespace"),
+        pool=r.text("pool"),
         server=_sub(r, "server", _server),
         capacity=_sub(r, "capacity", _capacity),
-        replicas=r.int("replicas", default=1, minimum=1),
+        replicas=r.integer("replicas", default=1, minimum=1),
         routes=r.objects("routes", _route),
         pools=r.objects("pools", _pool_ref),
         tenants=r.objects("tenants", _tenant),
         limiter=_sub(r, "limiter", _limiter),
         pricing=_optional(r, "pricing", _pricing),
-        max_body_bytes=r.int("maxBodyBytes", default=34 * 1024 * 1024, minimum=1024),
-        version=r.str("version", default=""),
+        max_body_bytes=r.integer("maxBodyBytes", default=34 * 1024 * 1024, minimum=1024),
+        version=r.text("version", default=""),
     )
     r.done()
     _check_references(doc)
