@@ -120,7 +120,7 @@ for r in json.load(sys.stdin).get("Replace") or []:
   godebug=$(go mod edit -json "$gomod" | python3 -c '
 import json, sys
 for g in json.load(sys.stdin).get("Godebug") or []:
-    print(f"{g[\"Key\"]}={g[\"Value\"]}")')
+    print(g["Key"] + "=" + g["Value"])')
   for g in $godebug; do go mod edit -godebug="$g"; done
 
   gorun get -tool \

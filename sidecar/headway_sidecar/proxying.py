@@ -1,0 +1,783 @@
+"""The public port: every OpenAI call through the sidecar, in the order of design section 5.
+
+:func:`proxy` is the orchestrator: bound and parse the body, authenticate (or
+trust a signed hop from another sidecar), resolve route, class and backend,
+reserve quota, queue, dispatch with fallbacks, relay, settle, record. Each step
+is a small function beside it. A request forwarded here by another pool's
+sidecar is served from the local queue only; the forwarding sidecar keeps the
+tenant's accounting (requests, tokens, cost), this one the pool's (queue wait, TTFT).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from headway_contract import CLASSES, Backend, Document, Pricing, Quota, Route, Tenant
+from headway_sidecar import (
+    accesslog,
+    auth,
+    configuring,
+    errors,
+    estimating,
+    limiting,
+    queueing,
+    sse,
+    streaming,
+)
+from headway_sidecar.metrics import UNKNOWN_TENANT, UNMATCHED_ROUTE, Labels, Metrics, bounded
+
+logger = logging.getLogger(__name__)
+
+CleanupContext = Callable[[web.Application], AsyncIterator[None]]
+
+PRIORITY_HEADER = "x-headway-priority"
+# Request headers that may reach a model server; credentials never do.
+FORWARDED_REQUEST_HEADERS = frozenset(
+    {"accept", "user-agent", "x-request-id", "traceparent", "tracestate", "openai-beta"}
+)
+# Upstream response headers a client may see, besides our own x-ratelimit-*.
+FORWARDED_RESPONSE_HEADERS = frozenset(
+    {"content-type", "retry-after", "retry-after-ms", "x-request-id", "openai-processing-ms"}
+)
+_READ_CHUNK = 64 * 1024
+# Seconds to open a connection upstream; an unreachable pool must fail over fast.
+_CONNECT_TIMEOUT = 3.0
+# An upstream error body is relayed, not trusted: read this much of it at most.
+_ERROR_BODY_LIMIT = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Gateway:
+    """The long-lived parts the request path uses; one per process."""
+
+    store: configuring.ConfigStore
+    metrics: Metrics
+    scheduler: queueing.Scheduler
+    limiter: limiting.Limiter
+    keepalive_interval: float = 5.0  # seconds between ": queued" comments
+    forward_headers: frozenset[str] = frozenset()  # extra request headers sent upstream
+    _draining: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def begin_drain(self) -> None:
+        """Refuse new requests and every queued one (503, retry elsewhere)."""
+        self._draining.set()
+        self.scheduler.close()
+
+    def is_draining(self) -> bool:
+        return self._draining.is_set()
+
+
+GATEWAY = web.AppKey("gateway", Gateway)
+SESSION = web.AppKey("session", aiohttp.ClientSession)
+
+
+def make_app(gateway: Gateway) -> web.Application:
+    # NB: bodies are read by read_body under the config's own limit, so
+    # aiohttp's client_max_size (1 MiB by default) never applies to them.
+    app = web.Application(middlewares=[openai_errors])
+    app[GATEWAY] = gateway
+    for path in estimating.ENDPOINTS:
+        app.router.add_post(path, proxy)
+    app.router.add_get("/v1/models", list_models)
+    return app
+
+
+# -- errors ----------------------------------------------------------------------------------
+
+
+def error_response(error: errors.HeadwayError) -> web.Response:
+    return web.Response(
+        status=error.status,
+        body=error.to_json(),
+        content_type="application/json",
+        headers=error.headers(),
+    )
+
+
+@web.middleware
+async def openai_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """The one place errors become OpenAI-shaped responses; no traceback reaches a client."""
+    try:
+        return await handler(request)
+    except errors.HeadwayError as e:
+        return error_response(e)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        code = e.reason.lower().replace(" ", "_")
+        failure = errors.InvalidRequest(f"{request.method} {request.path}: {e.reason}", code=code)
+        failure.status = e.status
+        return error_response(failure)
+    except Exception:
+        logger.exception("unexpected error serving %s %s", request.method, request.path)
+        return error_response(errors.HeadwayError("The sidecar failed to serve this request."))
+
+
+# -- the record of one request ---------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What one request did, filled in along the way and recorded once at the end."""
+
+    arrival: float
+    method: str
+    path: str
+    request_id: str
+    labels: Labels = field(default_factory=Labels)
+    hop: bool = False
+    stream: bool = False
+    status: int = 200
+    outcome: str = "ok"
+    backend: str | None = None
+    local: bool = False  # served from this sidecar's own queue
+    input_tokens: int = 0
+    output_tokens: int = 0
+    queue_wait: float | None = None
+    ttft: float | None = None
+    tpot: float | None = None
+
+    def fail(self, error: errors.HeadwayError) -> None:
+        self.status = error.status
+        self.outcome = _outcome(error)
+
+
+def _outcome(error: errors.HeadwayError) -> str:
+    for kind, outcome in (
+        (errors.RateLimited, "rate_limited"),
+        (errors.QueueFull, "queue_full"),
+        (errors.QueueTimeout, "queue_timeout"),
+        (errors.UpstreamTimeout, "upstream_timeout"),
+        (errors.UpstreamError, "upstream_error"),
+        (errors.Unauthenticated, "unauthenticated"),
+        (errors.InvalidRequest, "invalid_request"),
+    ):
+        if isinstance(error, kind):
+            return outcome
+    return "unavailable"
+
+
+def record(metrics: Metrics, exchange: Exchange) -> None:
+    labels = exchange.labels
+    elapsed = time.monotonic() - exchange.arrival
+    if not exchange.hop:
+        metrics.requests.labels(
+            labels.route, labels.tenant, labels.priority, exchange.outcome
+        ).inc()
+        metrics.duration.labels(labels.route, labels.priority).observe(elapsed)
+    if exchange.queue_wait is not None:
+        metrics.queue_wait.labels(labels.priority).observe(exchange.queue_wait)
+    # TTFT and TPOT describe this pool, so only requests served from its own queue count.
+    if exchange.local and exchange.ttft is not None:
+        metrics.ttft.labels(labels.route, labels.priority).observe(exchange.ttft)
+    if exchange.local and exchange.tpot is not None:
+        metrics.tpot.labels(labels.route, labels.priority).observe(exchange.tpot)
+    accesslog.write(
+        accesslog.AccessRecord(
+            method=exchange.method,
+            path=exchange.path,
+            route=labels.route,
+            tenant=labels.tenant,
+            priority=labels.priority,
+            status=exchange.status,
+            outcome=exchange.outcome,
+            stream=exchange.stream,
+            input_tokens=exchange.input_tokens,
+            output_tokens=exchange.output_tokens,
+            queue_ms=None if exchange.queue_wait is None else exchange.queue_wait * 1000,
+            ttft_ms=None if exchange.ttft is None else exchange.ttft * 1000,
+            duration_ms=elapsed * 1000,
+            backend=exchange.backend,
+            hop=exchange.hop,
+            request_id=exchange.request_id,
+        )
+    )
+
+
+# -- the handler -----------------------------------------------------------------------------
+
+
+async def proxy(request: web.Request) -> web.StreamResponse:
+    """POST /v1/chat/completions, /v1/completions and /v1/embeddings."""
+    gateway = request.app[GATEWAY]
+    exchange = Exchange(
+        arrival=time.monotonic(),
+        method=request.method,
+        path=request.path,
+        request_id=request.headers.get("x-request-id", "")[:64] or uuid.uuid4().hex,
+    )
+    try:
+        return await _proxy(gateway, request, exchange)
+    except errors.HeadwayError as e:
+        exchange.fail(e)
+        raise
+    except asyncio.CancelledError:
+        exchange.status, exchange.outcome = 499, "client_cancelled"
+        raise
+    finally:
+        record(gateway.metrics, exchange)
+
+
+async def _proxy(gateway: Gateway, request: web.Request, exchange: Exchange) -> web.StreamResponse:
+    # The config of the moment of arrival serves this request to its end.
+    config = gateway.store.current
+    document = config.document
+    if gateway.is_draining():
+        raise errors.ShuttingDown("the sidecar is shutting down", retry_after=1.0)
+
+    # Bound and parse the body before anything else looks at the request.
+    raw = await read_body(request, document.max_body_bytes)
+    body = parse_body(raw)
+    endpoint = estimating.ENDPOINTS[request.path]
+    estimating.validate(body, endpoint)
+    exchange.stream = endpoint != "embeddings" and body.get("stream") is True
+    route = document.route(body["model"])
+    exchange.labels = Labels(route=route.model if route else UNMATCHED_ROUTE)
+
+    hop_header = request.headers.get(auth.HOP_HEADER)
+    if hop_header is not None:
+        hop = auth.read_hop(config.keys, hop_header, pool=document.pool, body=raw)
+        return await _serve_hop(gateway, request, exchange, config, hop, body, raw)
+
+    tenant = config.authenticator.tenant(request.headers)
+    exchange.labels = Labels(route=exchange.labels.route, tenant=tenant.name)
+    quotas = tuple(q for q in tenant.quotas if route is not None and q.applies_to(route.model))
+    if route is None or not quotas:
+        raise errors.NotFound(
+            f"The model {_shown(body['model'])} does not exist or you do not have access to it.",
+            param="model",
+        )
+    priority = choose_class(route, quotas, request.headers.get(PRIORITY_HEADER))
+    exchange.labels = Labels(route=route.model, tenant=tenant.name, priority=priority)
+
+    candidates = plan_backends(route)
+    estimate = estimating.estimate_input_tokens(body)
+    output = estimating.output_cap(body, route.default_max_tokens, endpoint)
+    pricing = _pricing(document, candidates[0].pool)
+    admission = await _reserve(gateway, exchange, tenant, quotas, priority, estimate, output, pricing)
+    if admission.demoted:
+        priority = "batch"
+        exchange.labels = Labels(route=route.model, tenant=tenant.name, priority=priority)
+        gateway.metrics.demotions.labels(tenant.name).inc()
+
+    call = Call(
+        request=request,
+        session=request.app[SESSION],
+        gateway=gateway,
+        config=config,
+        route=route,
+        body=body,
+        raw=raw,
+        tenant=tenant.name,
+        weight=min(q.fair_share_weight for q in quotas),
+        priority=priority,
+        estimate=estimate,
+        response_headers=dict(admission.headers),
+        exchange=exchange,
+    )
+    try:
+        return await _run(call, candidates)
+    except errors.HeadwayError as e:
+        e.extra_headers.update(admission.headers)
+        raise
+    finally:
+        await asyncio.shield(_settle(gateway, admission, call))
+
+
+async def list_models(request: web.Request) -> web.Response:
+    """GET /v1/models: the model names clients may call, one per route."""
+    gateway = request.app[GATEWAY]
+    config = gateway.store.current
+    config.authenticator.tenant(request.headers)
+    data = [
+        {"id": route.model, "object": "model", "created": 0, "owned_by": "headway"}
+        for route in config.document.routes
+    ]
+    return web.json_response({"object": "list", "data": data})
+
+
+# -- steps before dispatch -------------------------------------------------------------------
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole body, refusing past ``limit`` bytes without buffering the rest."""
+    too_large = errors.BodyTooLarge(
+        f"The request body is larger than this gateway accepts ({limit} bytes)."
+    )
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.content.iter_chunked(_READ_CHUNK):
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """The JSON object in the body, or a 400 that says what is wrong with it."""
+    if not raw.strip():
+        raise errors.InvalidRequest("The request body is empty; expected a JSON object.")
+    try:
+        body = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise errors.InvalidRequest(
+            f"The request body is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})."
+        ) from None
+    except (UnicodeDecodeError, RecursionError):
+        raise errors.InvalidRequest("The request body is not valid UTF-8 JSON.") from None
+    if not isinstance(body, dict):
+        raise errors.InvalidRequest(
+            f"The request body must be a JSON object, not {_json_kind(body)}."
+        )
+    return body
+
+
+def _json_kind(value: object) -> str:
+    kinds = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return kinds.get(type(value), "a number")
+
+
+def _shown(value: object) -> str:
+    # Client text goes into messages quoted and cut short, never raw.
+    text = json.dumps(value)
+    return text if len(text) <= 64 else text[:61] + '..."'
+
+
+def choose_class(route: Route, quotas: Sequence[Quota], requested: str | None) -> str:
+    """The priority class: an allowed override, else the quotas' default, else the route's."""
+    if requested is not None:
+        wanted = requested.strip().lower()
+        if wanted not in CLASSES:
+            raise errors.InvalidRequest(
+                f"{PRIORITY_HEADER} must be 'realtime' or 'batch', not {_shown(requested)}.",
+                param=PRIORITY_HEADER,
+            )
+        if route.priority.allow_override and all(wanted in q.priority.allowed for q in quotas):
+            return wanted
+
+    defaults = {q.priority.default for q in quotas if q.priority.default is not None}
+    if len(defaults) > 1:
+        chosen = "batch"
+    else:
+        chosen = defaults.pop() if defaults else route.priority.default
+    for quota in quotas:
+        if chosen not in quota.priority.allowed:
+            raise errors.InvalidRequest(
+                f"Priority class '{chosen}' is not allowed by quota {quota.id} "
+                f"(allowed: {', '.join(quota.priority.allowed)}).",
+                code="priority_not_allowed",
+                param=PRIORITY_HEADER,
+            )
+    return chosen
+
+
+def plan_backends(route: Route, rng: random.Random | None = None) -> list[Backend]:
+    """One backend drawn by weight, then the route's fallbacks in order (each pool once)."""
+    chosen = (rng or random).choices(route.backends, [b.weight for b in route.backends])[0]
+    plan = [chosen]
+    for backend in route.fallback:
+        if all(backend.pool != b.pool for b in plan):
+            plan.append(backend)
+    return plan
+
+
+def _pricing(document: Document, pool: str) -> Pricing | None:
+    ref = document.pool_ref(pool)
+    if ref is not None and ref.pricing is not None:
+        return ref.pricing
+    return document.pricing
+
+
+async def _reserve(
+    gateway: Gateway,
+    exchange: Exchange,
+    tenant: Tenant,
+    quotas: Sequence[Quota],
+    priority: str,
+    input_tokens: int,
+    output_tokens: int,
+    pricing: Pricing | None,
+) -> limiting.Admission:
+    cost = pricing.cost(input_tokens, output_tokens) if pricing else Decimal(0)
+    try:
+        return await gateway.limiter.reserve(
+            quotas, tokens=input_tokens + output_tokens, cost=cost, priority=priority
+        )
+    except errors.RateLimited as e:
+        gateway.metrics.rate_limited.labels(tenant.name, e.limit).inc()
+        raise
+
+
+# -- dispatch --------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Call:
+    """One request on its way upstream: what was decided, and what happened so far."""
+
+    request: web.Request
+    session: aiohttp.ClientSession
+    gateway: Gateway
+    config: configuring.Config
+    route: Route
+    body: dict[str, Any]
+    raw: bytes
+    tenant: str
+    weight: int
+    priority: str
+    estimate: int  # input tokens estimated from the body
+    response_headers: dict[str, str]  # x-ratelimit-* from the admission
+    exchange: Exchange
+    hop: bool = False  # forwarded here by another sidecar: local queue only
+    reached_upstream: bool = False  # a model server (or sidecar) saw the request
+    client: ClientStream | None = None  # the client's SSE response, once begun
+
+    @property
+    def document(self) -> Document:
+        return self.config.document
+
+    @property
+    def deadline(self) -> float:
+        """Monotonic time by which the whole request must be over (route ``total``)."""
+        return self.exchange.arrival + self.route.total_timeout
+
+
+class _Failover(Exception):
+    """The backend could not take the request and nothing reached the client yet."""
+
+    def __init__(self, reason: str, *, error: errors.HeadwayError, answer: web.Response | None):
+        super().__init__(reason)
+        self.reason = reason
+        self.error = error
+        self.answer = answer  # the upstream's own answer, relayed if no backend is left
+
+
+async def _dispatch(call: Call, candidates: Sequence[Backend]) -> web.StreamResponse:
+    """Try the chosen backend, then each fallback, until one answers."""
+    failure: _Failover | None = None
+    for backend in candidates:
+        try:
+            return await _attempt(call, backend)
+        except _Failover as f:
+            logger.info("backend %s refused %s: %s", backend.pool, call.exchange.path, f.reason)
+            failure = f
+    assert failure is not None
+    if failure.answer is None:
+        raise failure.error
+    call.exchange.status, call.exchange.outcome = failure.answer.status, "upstream_error"
+    return await _answer_late(call, failure.answer)
+
+
+async def _attempt(call: Call, backend: Backend) -> web.StreamResponse:
+    document, exchange = call.document, call.exchange
+    exchange.backend = backend.pool
+    path = call.request.path
+    if backend.pool == document.pool:
+        slot = await _acquire(call)
+        exchange.local = True
+        try:
+            server = document.server
+            url = f"http://{server.host}:{server.port}{path}"
+            return await _forward(call, url, model=backend.model, hop=None)
+        finally:
+            slot.release()
+
+    exchange.local = False
+    ref = document.pool_ref(backend.pool)
+    if ref is None:  # the contract checks references; a stale config could still miss one
+        raise _Failover(
+            "pool has no address",
+            error=errors.UpstreamError(f"pool {backend.pool} has no address"),
+            answer=None,
+        )
+    upstream = streaming.prepare_upstream_body(call.body, call.raw, model=None)
+    hop = auth.new_hop(
+        call.config.keys,
+        pool=backend.pool,
+        route=call.route.model,
+        tenant=call.tenant,
+        priority=call.priority,
+        body=upstream,
+    )
+    return await _forward(call, ref.address.rstrip("/") + path, model=None, hop=hop)
+
+
+async def _acquire(call: Call) -> queueing.Slot:
+    """A local slot; a waiting stream gets ``: queued`` comments meanwhile."""
+    gateway, exchange = call.gateway, call.exchange
+    queue_deadline = exchange.arrival + call.document.capacity.queue(call.priority).timeout
+    acquiring = asyncio.ensure_future(
+        gateway.scheduler.acquire(
+            priority=call.priority,
+            tenant=call.tenant,
+            weight=call.weight,
+            tokens=call.estimate,
+            deadline=min(queue_deadline, call.deadline),
+        )
+    )
+    try:
+        while True:
+            done, _ = await asyncio.wait({acquiring}, timeout=gateway.keepalive_interval)
+            if done:
+                slot = acquiring.result()
+                break
+            if exchange.stream:
+                client = await _begin_stream(call)
+                await client.send_comment("queued")
+    except errors.QueueFull as e:
+        raise _Failover("queue full", error=e, answer=None) from None
+    except BaseException:
+        # Cancelled while waiting: leave the queue now. Handed a slot in the
+        # same instant: give it back.
+        if not acquiring.done():
+            acquiring.cancel()
+        elif not acquiring.cancelled() and acquiring.exception() is None:
+            acquiring.result().release()
+        raise
+    exchange.queue_wait = slot.waited
+    return slot
+
+
+def _upstream_headers(call: Call, hop: str | None) -> dict[str, str]:
+    allowed = FORWARDED_REQUEST_HEADERS | call.gateway.forward_headers
+    headers = {k: v for k, v in call.request.headers.items() if k.lower() in allowed}
+    headers["content-type"] = "application/json"
+    headers["accept-encoding"] = "identity"
+    headers["x-request-id"] = call.exchange.request_id
+    if hop is not None:
+        headers[auth.HOP_HEADER] = hop
+    return headers
+
+
+def _response_headers(call: Call, upstream: Mapping[str, str]) -> CIMultiDict[str]:
+    headers = CIMultiDict(
+        (k, v) for k, v in upstream.items() if k.lower() in FORWARDED_RESPONSE_HEADERS
+    )
+    headers.update(call.response_headers)
+    return headers
+
+
+def _remaining(call: Call) -> float:
+    remaining = call.deadline - time.monotonic()
+    if remaining <= 0:
+        raise errors.UpstreamTimeout(
+            f"The request did not finish within the route's total timeout "
+            f"({call.route.total_timeout:g} s)."
+        )
+    return remaining
+
+
+async def _forward(call: Call, url: str, *, model: str | None, hop: str | None) -> web.StreamResponse:
+    """Send the request to one upstream and relay its answer, or raise _Failover."""
+    body = streaming.prepare_upstream_body(call.body, call.raw, model=model)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=_CONNECT_TIMEOUT)
+    try:
+        async with asyncio.timeout(_remaining(call)):
+            async with call.session.post(
+                url, data=body, headers=_upstream_headers(call, hop), timeout=timeout
+            ) as upstream:
+                call.reached_upstream = True
+                if upstream.status >= 500 or upstream.status == 429:
+                    answer = await _relayed_error(call, upstream)
+                    raise _Failover(
+                        f"answered {upstream.status}", error=_status_error(answer), answer=answer
+                    )
+                if upstream.status >= 400:
+                    answer = await _relayed_error(call, upstream)
+                    call.exchange.status, call.exchange.outcome = answer.status, "upstream_error"
+                    return await _answer_late(call, answer)
+                if call.exchange.stream:
+                    return await _relay_stream(call, upstream)
+                return await _relay_whole(call, upstream)
+    except TimeoutError:
+        raise errors.UpstreamTimeout(
+            f"The request did not finish within the route's total timeout "
+            f"({call.route.total_timeout:g} s)."
+        ) from None
+    except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
+        raise _Failover(
+            f"unreachable: {e}",
+            error=errors.UpstreamError("The model server is unreachable."),
+            answer=None,
+        ) from None
+    except aiohttp.ClientError as e:
+        if call.client is not None and call.client.sent_data:
+            raise  # handled by the relay
+        raise _Failover(
+            f"failed: {type(e).__name__}",
+            error=errors.UpstreamError("The model server closed the connection."),
+            answer=None,
+        ) from None
+
+
+def _status_error(answer: web.Response) -> errors.HeadwayError:
+    error = errors.UpstreamError(f"The model server answered {answer.status}.")
+    error.status = answer.status
+    return error
+
+
+async def _relayed_error(call: Call, upstream: aiohttp.ClientResponse) -> web.Response:
+    """The upstream's error answer as ours: status, body and retry headers unchanged."""
+    body = await upstream.content.read(_ERROR_BODY_LIMIT)
+    return web.Response(
+        status=upstream.status, body=body, headers=_response_headers(call, upstream.headers)
+    )
+
+
+# -- answering the client --------------------------------------------------------------------
+
+
+class ClientStream:
+    """The client's SSE response, begun early when a queued stream needs keep-alives."""
+
+    def __init__(self, request: web.Request, headers: Mapping[str, str]) -> None:
+        self.request = request
+        self.response = web.StreamResponse(status=200, headers=headers)
+        self.response.content_type = "text/event-stream"
+        self.response.headers["cache-control"] = "no-cache"
+        self.sent_data = False  # an event (not only comments) reached the client
+
+    async def begin(self) -> None:
+        if not self.response.prepared:
+            await self.response.prepare(self.request)
+
+    async def send_comment(self, text: str) -> None:
+        await self.begin()
+        await self.response.write(sse.encode_comment(text))
+
+    async def send(self, data: bytes) -> None:
+        await self.begin()
+        if data:
+            await self.response.write(data)
+            self.sent_data = True
+
+    async def fail(self, error: errors.HeadwayError) -> None:
+        """End the stream with an OpenAI-shaped error event (clients raise on it)."""
+        await self.send(b"data: " + error.to_json() + b"\n\n")
+        await self.response.write_eof()
+
+    async def finish(self) -> None:
+        await self.begin()
+        await self.response.write_eof()
+
+
+async def _begin_stream(call: Call) -> ClientStream:
+    if call.client is None:
+        call.client = ClientStream(call.request, call.response_headers)
+    await call.client.begin()
+    return call.client
+
+
+async def _answer_late(call: Call, answer: web.Response) -> web.StreamResponse:
+    """An error answer as it is, or as an error event if the stream has begun."""
+    if call.client is None:
+        return answer
+    error = _status_error(answer)
+    with contextlib.suppress(ValueError, TypeError, KeyError):
+        detail = json.loads(answer.body)["error"]  # type: ignore[arg-type]
+        error.message = str(detail.get("message") or error.message)
+    await call.client.fail(error)
+    return call.client.response
+
+
+async def _run(call: Call, candidates: Sequence[Backend]) -> web.StreamResponse:
+    """Dispatch; once the client's stream has begun, failures end it with an error event."""
+    try:
+        return await _dispatch(call, candidates)
+    except errors.HeadwayError as e:
+        if call.client is None:
+            raise
+        call.exchange.fail(e)
+        call.exchange.status = 200
+        with contextlib.suppress(ConnectionResetError):
+            await call.client.fail(e)
+        return call.client.response
+
+
+async def _settle(gateway: Gateway, admission: limiting.Admission, call: Call) -> None:
+    """Charge what was used, or refund a request no model server ever saw."""
+    exchange = call.exchange
+    try:
+        if not call.reached_upstream:
+            await gateway.limiter.refund(admission)
+            return
+        pricing = _pricing(call.document, exchange.backend or call.document.pool)
+        cost = pricing.cost(exchange.input_tokens, exchange.output_tokens) if pricing else None
+        await gateway.limiter.settle(
+            admission,
+            tokens=exchange.input_tokens + exchange.output_tokens,
+            cost=cost or Decimal(0),
+        )
+        gateway.metrics.count_tokens(
+            exchange.labels,
+            input_tokens=exchange.input_tokens,
+            output_tokens=exchange.output_tokens,
+            cost=cost,
+            currency=pricing.currency if pricing else None,
+        )
+    except Exception:
+        # A quota store failure must not turn a served answer into an error.
+        logger.exception("settling quota for request %s failed", exchange.request_id)
+
+
+async def _serve_hop(
+    gateway: Gateway,
+    request: web.Request,
+    exchange: Exchange,
+    config: configuring.Config,
+    hop: auth.Hop,
+    body: dict[str, Any],
+    raw: bytes,
+) -> web.StreamResponse:
+    """A request another pool's sidecar authenticated and charged: local queue only."""
+    document = config.document
+    route = document.route(hop.route)
+    backend = None
+    if route is not None:
+        backend = next((b for b in (*route.backends, *route.fallback) if b.pool == document.pool), None)
+    if route is None or backend is None:
+        raise errors.NotFound(f"Route {_shown(hop.route)} does not reach this pool.")
+    tenant = bounded(hop.tenant, {t.name for t in document.tenants}, UNKNOWN_TENANT)
+    exchange.hop = True
+    exchange.labels = Labels(route=route.model, tenant=tenant, priority=hop.priority)
+    weights = [
+        q.fair_share_weight
+        for t in document.tenants
+        if t.name == hop.tenant
+        for q in t.quotas
+        if q.applies_to(route.model)
+    ]
+    call = Call(
+        request=request,
+        session=request.app[SESSION],
+        gateway=gateway,
+        config=config,
+        route=route,
+        body=body,
+        raw=raw,
+        tenant=tenant,
+        weight=min(weights, default=1),
+        priority=hop.priority,
+        estimate=estimating.estimate_input_tokens(body),
+        response_headers={},
+        exchange=exchange,
+        hop=True,
+    )
+    return await _run(call, [backend])
