@@ -236,7 +236,12 @@ def _fail(problems: Iterable[str], summary: str = "") -> int:
 
 
 def run_operator(*, namespaces: list[str], all_namespaces: bool, kopf_args: list[str]) -> int:
-    # TODO(#6): the kopf operator; when #6 lands
-    del namespaces, all_namespaces, kopf_args
-    print("the operator is not built yet", file=sys.stderr)
-    return 2
+    """``headway operator``: the flags after the scope are the operator's own (see ``running``)."""
+    from headway_operator import running  # kopf loads only for this command
+
+    try:
+        flags = running.parse(namespaces, all_namespaces, kopf_args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return running.run(flags)

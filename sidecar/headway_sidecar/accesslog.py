@@ -11,6 +11,7 @@ import json
 import logging
 import re
 from dataclasses import asdict, dataclass
+from typing import TextIO
 
 logger = logging.getLogger("headway.access")
 
@@ -58,6 +59,25 @@ def install_redaction() -> None:
             handler.addFilter(redacting)
     if not any(isinstance(f, RedactingFilter) for f in logger.filters):
         logger.addFilter(redacting)
+
+
+class _AccessHandler(logging.StreamHandler[TextIO]):
+    """Writes each access record's message alone: one bare JSON object per line."""
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self.setFormatter(logging.Formatter("%(message)s"))
+        self.addFilter(RedactingFilter())
+
+
+def install_handler(stream: TextIO) -> None:
+    """Write access lines to ``stream`` without the root logger's timestamp and level,
+    so that a log shipper can parse each line as it is."""
+    if any(isinstance(h, _AccessHandler) for h in logger.handlers):
+        return
+    logger.addHandler(_AccessHandler(stream))
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 @dataclass(frozen=True, slots=True)

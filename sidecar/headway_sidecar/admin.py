@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import TypedDict
 
 from aiohttp import web
+from headway_contract import CLASSES
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from headway_contract import CLASSES
 from headway_sidecar import configuring
 from headway_sidecar.metrics import HistogramSnapshot, Metrics
 

@@ -2,14 +2,13 @@
 
 `evaluate` is the twin of the Lua script in `limiting_redis`: the same
 operations on the same argument vector, giving the same integer results (one
-table of cases runs through both). The store keeps one quota's state per id in
-memory; a single event loop makes each call atomic.
+table of cases runs through both). The store keeps each quota's state in
+memory; a single event loop makes each call atomic, as Redis does the script.
 """
 
 from __future__ import annotations
 
 import datetime
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
@@ -19,7 +18,6 @@ from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 # (exact in Lua's doubles up to 2**53, i.e. limits far beyond any real one).
 TICKS = 60_000
 DAY_MS = 86_400_000
-HOUR_MS = 3_600_000
 # No way to predict when another request ends; this is the hint a client gets.
 CONCURRENCY_WAIT_MS = 1_000
 NONE = -1  # "no such limit" in an argument vector
@@ -29,6 +27,19 @@ NANO = Decimal(10) ** 9  # money is carried as integer billionths of the currenc
 REFUSED, ADMITTED, DEMOTED, NEVER_FITS = 0, 1, 2, 3
 # Limit codes, also the order in which ties between equal waits are broken.
 TPM, RPM, TPD, CONCURRENCY, COST = 1, 2, 3, 4, 5
+LIMIT_NAMES = {
+    TPM: "tokens_per_minute",
+    RPM: "requests_per_minute",
+    TPD: "tokens_per_day",
+    CONCURRENCY: "concurrent_requests",
+    COST: "cost_per_month",
+}
+
+# Argument vectors: a header, then one fixed-size block per quota.
+RESERVE_HEADER, RESERVE_BLOCK = 8, 5
+ADJUST_HEADER, ADJUST_BLOCK = 11, 4
+RENEW_HEADER = 4
+USAGE_FIELDS = 6
 
 _EPOCH = datetime.date(1970, 1, 1)
 
@@ -49,100 +60,105 @@ def from_nano(nano: int) -> Decimal:
 
 # -- the operations ---------------------------------------------------------------------------
 #
-# Every call is (operation, now override, arguments...), all strings, exactly
-# what the Lua script receives as ARGV. The override exists for the shared
-# test table only; the limiter always passes "" so that Redis's clock decides.
+# Every call is (operation, now override, number of quotas, ...), all strings,
+# exactly what the Lua script receives as ARGV. The override exists for the
+# shared test table only; the limiter passes "" so that the store's clock decides.
 
 
 @dataclass(frozen=True, slots=True)
 class Limits:
     """One quota's limits as a store applies them; NONE where unset."""
 
-    tpm: int
-    rpm: int
-    tpd: int
-    concurrency: int
-    cost_nano: int
+    tpm: int = NONE
+    rpm: int = NONE
+    tpd: int = NONE
+    concurrency: int = NONE
+    cost_nano: int = NONE
+
+    def share(self, replicas: int) -> Limits:
+        """This replica's part of each limit, rounded up (the fail-open fallback)."""
+        if replicas <= 1:
+            return self
+        return Limits(*(NONE if v < 0 else _ceil_div(v, replicas) for v in self.values()))
+
+    def values(self) -> tuple[int, int, int, int, int]:
+        return (self.tpm, self.rpm, self.tpd, self.concurrency, self.cost_nano)
 
 
 def reserve_args(
-    limits: Limits, *, tokens: int, cost_nano: int, may_demote: bool, member: str, lease_ms: int
+    limits: Sequence[Limits],
+    *,
+    tokens: int,
+    cost_nano: int,
+    may_demote: bool,
+    member: str,
+    lease_ms: int,
+    now: str = "",
 ) -> list[str]:
-    return [
-        "reserve",
-        "",
-        *map(str, (limits.tpm, limits.rpm, limits.tpd, limits.concurrency, limits.cost_nano)),
-        str(tokens),
-        str(cost_nano),
-        "1" if may_demote else "0",
-        member,
-        str(lease_ms),
-    ]
+    header = ["reserve", now, str(len(limits)), str(tokens), str(cost_nano)]
+    header += ["1" if may_demote else "0", member, str(lease_ms)]
+    return header + [str(v) for quota in limits for v in quota.values()]
 
 
 @dataclass(frozen=True, slots=True)
 class Adjustment:
-    """What a settle or refund changes in one quota's counters."""
+    """What a settle or refund changes in the counters of every quota of one admission."""
 
-    minute_charged: bool  # False for a demoted admission: its buckets were not charged
     t0_ms: int  # when the reservation was made (the store's clock)
+    minute_charged: bool  # False for a demoted admission: its buckets were not charged
     tokens_delta: int
-    tokens_end: int  # the tpm bucket level, in ticks, right after the reservation
     requests_delta: int
-    requests_end: int
     day_id: int
-    day_tokens_delta: int
-    day_requests_delta: int
     month_id: int
     cost_delta: int  # billionths
     member: str  # concurrency lease to release, "" for none
 
 
-def adjust_args(limits: Limits, a: Adjustment) -> list[str]:
-    values = (
-        limits.tpm,
-        limits.rpm,
-        a.t0_ms,
-        "1" if a.minute_charged else "0",
-        a.tokens_delta,
-        a.tokens_end,
-        a.requests_delta,
-        a.requests_end,
-        a.day_id,
-        a.day_tokens_delta,
-        a.day_requests_delta,
-        a.month_id,
-        a.cost_delta,
-    )
-    return ["adjust", "", *map(str, values), a.member]
+@dataclass(frozen=True, slots=True)
+class Level:
+    """One quota's per-minute limits and bucket levels (ticks) right after a reservation."""
+
+    tpm: int
+    rpm: int
+    tokens_end: int
+    requests_end: int
 
 
-def usage_args() -> list[str]:
-    return ["usage", ""]
+def adjust_args(a: Adjustment, levels: Sequence[Level], now: str = "") -> list[str]:
+    values = (a.t0_ms, int(a.minute_charged), a.tokens_delta, a.requests_delta)
+    header = ["adjust", now, str(len(levels)), *map(str, values)]
+    header += [str(a.day_id), str(a.month_id), str(a.cost_delta), a.member]
+    return header + [str(v) for x in levels for v in (x.tpm, x.rpm, x.tokens_end, x.requests_end)]
 
 
-def renew_args(members: Sequence[str], lease_ms: int) -> list[str]:
-    return ["renew", "", str(lease_ms), *members]
+def usage_args(quotas: int, now: str = "") -> list[str]:
+    return ["usage", now, str(quotas)]
+
+
+def renew_args(quotas: int, lease_ms: int, members: Sequence[str], now: str = "") -> list[str]:
+    return ["renew", now, str(quotas), str(lease_ms), *members]
 
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    """A reservation's answer; bucket levels are after the charge, if any."""
+    """A reservation's answer; bucket levels (ticks) are after the charge, if any."""
 
     outcome: int
-    limit: int  # the binding limit code when refused or demoted, else 0
+    limit: int  # the binding limit code when refused, demoted or never fits, else 0
+    quota: int  # index of the quota that binds, when `limit` is set
     wait_ms: int  # until the request would fit; 0 when admitted or never fits
     now_ms: int
-    tpm_used: int  # ticks
-    rpm_used: int  # ticks
     day_id: int  # YYYYMMDD (UTC)
     month_id: int  # YYYYMM (UTC)
+    levels: tuple[tuple[int, int], ...]  # per quota: (tpm used, rpm used)
 
     @classmethod
-    def parse(cls, raw: Sequence[int]) -> Verdict:
-        if len(raw) != 8:
+    def parse(cls, raw: Sequence[int], quotas: int) -> Verdict:
+        if len(raw) != 7 + 2 * quotas:
             raise ValueError(f"unexpected reservation answer {raw!r}")
-        return cls(*(int(x) for x in raw))
+        outcome, limit, quota, wait, now, day_id, month_id = (int(x) for x in raw[:7])
+        levels = tuple((int(raw[i]), int(raw[i + 1])) for i in range(7, len(raw), 2))
+        return cls(outcome, limit, quota, wait, now, day_id, month_id, levels)
 
 
 # -- the Python twin of the Lua script --------------------------------------------------------
@@ -164,7 +180,7 @@ class QuotaState:
     day_requests: int = 0
     month_id: int = 0
     month_cost: int = 0
-    leases: dict[str, float] = field(default_factory=dict)  # member -> expiry ms
+    leases: dict[str, int] = field(default_factory=dict)  # member -> expiry ms
 
 
 def windows(now_ms: int) -> tuple[int, int, int, int]:
@@ -219,116 +235,163 @@ def _month(state: QuotaState, month_id: int) -> int:
     return state.month_cost if state.month_id == month_id else 0
 
 
-def _reserve(s: QuotaState, a: Sequence[str], now: int) -> list[int]:
-    tpm, rpm, tpd, conc, cost_limit, tokens, cost = (int(x) for x in a[2:9])
-    may_demote, member, lease = a[9] == "1", a[10], int(a[11])
+def never_fits(limits: Sequence[int], tokens: int, cost: int) -> int:
+    """The limit code a request exceeds even with every counter at zero, else 0."""
+    tpm, rpm, tpd, conc, cost_limit = limits
+    if 0 <= tpm < tokens:
+        return TPM
+    if 0 <= rpm < 1:
+        return RPM
+    if 0 <= tpd < tokens:
+        return TPD
+    if 0 <= conc < 1:
+        return CONCURRENCY
+    if 0 <= cost_limit < cost:
+        return COST
+    return 0
+
+
+def _reserve(states: Sequence[QuotaState], a: Sequence[str], now: int) -> list[int]:
+    n, tokens, cost = int(a[2]), int(a[3]), int(a[4])
+    may_demote, member, lease = a[5] == "1", a[6], int(a[7])
     day_id, day_end, month_id, month_end = windows(now)
-    tpm_used = _bucket_used(s.tpm, now) if tpm >= 0 else 0
-    rpm_used = _bucket_used(s.rpm, now) if rpm >= 0 else 0
-    day_tokens, day_requests = _day(s, day_id)
-    month_cost = _month(s, month_id)
-    in_flight = _held(s, now) if conc >= 0 else 0
-
-    def answer(outcome: int, code: int, wait: int) -> list[int]:
-        return [outcome, code, wait, now, tpm_used, rpm_used, day_id, month_id]
-
-    if tpm >= 0 and tokens > tpm:
-        return answer(NEVER_FITS, TPM, 0)
-    if tpd >= 0 and tokens > tpd:
-        return answer(NEVER_FITS, TPD, 0)
-    if cost_limit >= 0 and cost > cost_limit:
-        return answer(NEVER_FITS, COST, 0)
-
-    waits = [0] * 6
-    if tpm >= 0:
-        waits[TPM] = max(0, _ceil_div(tpm_used + (tokens - tpm) * TICKS, tpm))
-    if rpm >= 0:
-        waits[RPM] = max(0, _ceil_div(rpm_used + (1 - rpm) * TICKS, rpm))
-    if tpd >= 0 and day_tokens + tokens > tpd:
-        waits[TPD] = day_end - now
-    if conc >= 0 and in_flight >= conc:
-        waits[CONCURRENCY] = CONCURRENCY_WAIT_MS
-    if cost_limit >= 0 and month_cost + cost > cost_limit:
-        waits[COST] = month_end - now
-    worst = 0
-    for code in (TPM, RPM, TPD, CONCURRENCY, COST):
-        if waits[code] > 0 and (worst == 0 or waits[code] > waits[worst]):
-            worst = code
-    hard = waits[TPD] > 0 or waits[CONCURRENCY] > 0 or waits[COST] > 0
-    minute = waits[TPM] > 0 or waits[RPM] > 0
-    if hard or (minute and not may_demote):
-        return answer(REFUSED, worst, waits[worst])
-
-    # A demoted request leaves the per-minute buckets alone (docs/limits.md).
-    if not minute:
-        if tpm >= 0:
-            tpm_used += tokens * TICKS
-            _bucket_store(s.tpm, tpm_used, now, tpm)
-        if rpm >= 0:
-            rpm_used += TICKS
-            _bucket_store(s.rpm, rpm_used, now, rpm)
-    s.day_id, s.day_tokens, s.day_requests = day_id, day_tokens + tokens, day_requests + 1
-    s.month_id, s.month_cost = month_id, month_cost + cost
-    if conc >= 0:
-        s.leases[member] = now + lease if lease > 0 else math.inf
-    if minute:
-        return answer(DEMOTED, worst, waits[worst])
-    return answer(ADMITTED, 0, 0)
-
-
-def _adjust(s: QuotaState, a: Sequence[str], now: int) -> list[int]:
-    tpm, rpm, t0 = int(a[2]), int(a[3]), int(a[4])
-    if a[5] == "1":
-        _bucket_adjust(s.tpm, tpm, int(a[6]) * TICKS, int(a[7]), t0, now)
-        _bucket_adjust(s.rpm, rpm, int(a[8]) * TICKS, int(a[9]), t0, now)
-    day_id, _, month_id, _ = windows(now)
-    # Adjustments to a window that has closed are dropped: the new one owes nothing.
-    if int(a[10]) == day_id and (int(a[11]) != 0 or int(a[12]) != 0):
-        tokens, requests = _day(s, day_id)
-        s.day_id = day_id
-        s.day_tokens = max(0, tokens + int(a[11]))
-        s.day_requests = max(0, requests + int(a[12]))
-    if int(a[13]) == month_id and int(a[14]) != 0:
-        cost = _month(s, month_id)
-        s.month_id, s.month_cost = month_id, max(0, cost + int(a[14]))
-    if a[15]:
-        s.leases.pop(a[15], None)
-    return [now]
-
-
-def _usage(s: QuotaState, now: int) -> list[int]:
-    day_id, _, month_id, _ = windows(now)
-    tokens, requests = _day(s, day_id)
-    return [
-        _bucket_used(s.tpm, now),
-        _bucket_used(s.rpm, now),
-        tokens,
-        requests,
-        _month(s, month_id),
-        _held(s, now),
+    blocks = [
+        [int(x) for x in a[RESERVE_HEADER + i * RESERVE_BLOCK :][:RESERVE_BLOCK]] for i in range(n)
+    ]
+    levels = [
+        (
+            _bucket_used(s.tpm, now) if b[0] >= 0 else 0,
+            _bucket_used(s.rpm, now) if b[1] >= 0 else 0,
+        )
+        for s, b in zip(states, blocks, strict=True)
     ]
 
+    def answer(outcome: int, code: int, index: int, wait: int) -> list[int]:
+        return [
+            outcome,
+            code,
+            index,
+            wait,
+            now,
+            day_id,
+            month_id,
+            *(x for lv in levels for x in lv),
+        ]
 
-def _renew(s: QuotaState, a: Sequence[str], now: int) -> list[int]:
-    lease = int(a[2])
-    for member in a[3:]:
-        if member in s.leases:
+    for i, limits in enumerate(blocks):
+        code = never_fits(limits, tokens, cost)
+        if code:
+            return answer(NEVER_FITS, code, i + 1, 0)
+
+    # The request fits once every limit of every quota has room: the longest
+    # wait binds. Per-minute waits do not count when the request may be demoted.
+    minute = hard = False
+    worst = worst_index = worst_wait = 0
+    slow = slow_index = slow_wait = 0  # the binding per-minute limit, for a demotion
+    for i, (s, limits) in enumerate(zip(states, blocks, strict=True)):
+        tpm, rpm, tpd, conc, cost_limit = limits
+        day_tokens, _ = _day(s, day_id)
+        waits = [0] * 6
+        if tpm >= 0:
+            waits[TPM] = max(0, _ceil_div(levels[i][0] + (tokens - tpm) * TICKS, tpm))
+        if rpm >= 0:
+            waits[RPM] = max(0, _ceil_div(levels[i][1] + (1 - rpm) * TICKS, rpm))
+        if tpd >= 0 and day_tokens + tokens > tpd:
+            waits[TPD] = day_end - now
+        if conc >= 0 and _held(s, now) >= conc:
+            waits[CONCURRENCY] = CONCURRENCY_WAIT_MS
+        if cost_limit >= 0 and _month(s, month_id) + cost > cost_limit:
+            waits[COST] = month_end - now
+        minute = minute or waits[TPM] > 0 or waits[RPM] > 0
+        hard = hard or waits[TPD] > 0 or waits[CONCURRENCY] > 0 or waits[COST] > 0
+        for code in (TPM, RPM):
+            if waits[code] > slow_wait:
+                slow, slow_index, slow_wait = code, i + 1, waits[code]
+        for code in (TPM, RPM, TPD, CONCURRENCY, COST):
+            if waits[code] > worst_wait and not (may_demote and code in (TPM, RPM)):
+                worst, worst_index, worst_wait = code, i + 1, waits[code]
+    if hard or (minute and not may_demote):
+        return answer(REFUSED, worst, worst_index, worst_wait)
+
+    # A demoted request leaves every per-minute bucket alone (docs/limits.md).
+    for i, (s, limits) in enumerate(zip(states, blocks, strict=True)):
+        tpm, rpm, _, conc, _ = limits
+        if not minute:
+            used_tokens, used_requests = levels[i]
+            if tpm >= 0:
+                used_tokens += tokens * TICKS
+                _bucket_store(s.tpm, used_tokens, now, tpm)
+            if rpm >= 0:
+                used_requests += TICKS
+                _bucket_store(s.rpm, used_requests, now, rpm)
+            levels[i] = (used_tokens, used_requests)
+        day_tokens, day_requests = _day(s, day_id)
+        s.day_id, s.day_tokens, s.day_requests = day_id, day_tokens + tokens, day_requests + 1
+        s.month_id, s.month_cost = month_id, _month(s, month_id) + cost
+        if conc >= 0:
             s.leases[member] = now + lease
+    if minute:
+        return answer(DEMOTED, slow, slow_index, slow_wait)
+    return answer(ADMITTED, 0, 0, 0)
+
+
+def _adjust(states: Sequence[QuotaState], a: Sequence[str], now: int) -> list[int]:
+    t0, charged, tokens_delta, requests_delta = int(a[3]), a[4] == "1", int(a[5]), int(a[6])
+    day_id, month_id, cost_delta, member = int(a[7]), int(a[8]), int(a[9]), a[10]
+    today, _, this_month, _ = windows(now)
+    for i, s in enumerate(states):
+        tpm, rpm, tokens_end, requests_end = (
+            int(x) for x in a[ADJUST_HEADER + i * ADJUST_BLOCK :][:ADJUST_BLOCK]
+        )
+        if charged:
+            _bucket_adjust(s.tpm, tpm, tokens_delta * TICKS, tokens_end, t0, now)
+            _bucket_adjust(s.rpm, rpm, requests_delta * TICKS, requests_end, t0, now)
+        # Adjustments to a window that has closed are dropped: the new one owes nothing.
+        if day_id == today and (tokens_delta or requests_delta):
+            tokens, requests = _day(s, today)
+            s.day_id = today
+            s.day_tokens = max(0, tokens + tokens_delta)
+            s.day_requests = max(0, requests + requests_delta)
+        if month_id == this_month and cost_delta:
+            s.month_id, s.month_cost = this_month, max(0, _month(s, this_month) + cost_delta)
+        if member:
+            s.leases.pop(member, None)
     return [now]
 
 
-def evaluate(state: QuotaState, args: Sequence[str], clock_ms: int) -> list[int]:
-    """Run one operation on one quota's state, as the Lua script does in Redis."""
+def _usage(states: Sequence[QuotaState], now: int) -> list[int]:
+    day_id, _, month_id, _ = windows(now)
+    answer = []
+    for s in states:
+        tokens, requests = _day(s, day_id)
+        answer += [_bucket_used(s.tpm, now), _bucket_used(s.rpm, now), tokens, requests]
+        answer += [_month(s, month_id), _held(s, now)]
+    return answer
+
+
+def _renew(states: Sequence[QuotaState], a: Sequence[str], now: int) -> list[int]:
+    lease = int(a[3])
+    for s in states:
+        for member in a[RENEW_HEADER:]:
+            if member in s.leases:
+                s.leases[member] = now + lease
+    return [now]
+
+
+def evaluate(states: Sequence[QuotaState], args: Sequence[str], clock_ms: int) -> list[int]:
+    """Run one operation on several quotas' state at once, as the Lua script does in Redis."""
     now = int(args[1]) if args[1] else clock_ms
+    if int(args[2]) != len(states):
+        raise ValueError(f"{args[2]} quotas named, {len(states)} given")
     op = args[0]
     if op == "reserve":
-        return _reserve(state, args, now)
+        return _reserve(states, args, now)
     if op == "adjust":
-        return _adjust(state, args, now)
+        return _adjust(states, args, now)
     if op == "usage":
-        return _usage(state, now)
+        return _usage(states, now)
     if op == "renew":
-        return _renew(state, args, now)
+        return _renew(states, args, now)
     raise ValueError(f"unknown limiter operation {op!r}")
 
 
@@ -339,6 +402,6 @@ class LocalStore:
         self._clock = clock  # seconds since the epoch; the windows are UTC days and months
         self._states: dict[str, QuotaState] = {}
 
-    async def call(self, quota_id: str, args: Sequence[str]) -> list[int]:
-        state = self._states.setdefault(quota_id, QuotaState())
-        return evaluate(state, args, int(self._clock() * 1000))
+    async def call(self, quota_ids: Sequence[str], args: Sequence[str]) -> list[int]:
+        states = [self._states.setdefault(q, QuotaState()) for q in quota_ids]
+        return evaluate(states, args, int(self._clock() * 1000))

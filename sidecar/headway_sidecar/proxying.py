@@ -12,21 +12,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 from aiohttp import web
+from headway_contract import CLASSES, Backend, Document, Pricing, Quota, Route, Tenant
 from multidict import CIMultiDict
 
-from headway_contract import CLASSES, Backend, Document, Pricing, Quota, Route, Tenant
 from headway_sidecar import (
     accesslog,
     auth,
@@ -112,21 +113,44 @@ def error_response(error: errors.HeadwayError) -> web.Response:
 async def openai_errors(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """The one place errors become OpenAI-shaped responses; no traceback reaches a client."""
+    """The one place errors become OpenAI-shaped responses; no traceback reaches a client.
+
+    It also opens the request's :class:`Exchange` and records it once, whatever
+    happened, so every request (unknown paths included) gets its access-log line.
+    """
+    exchange = request[EXCHANGE] = Exchange(
+        arrival=time.monotonic(),
+        method=request.method,
+        path=request.path if request.match_info.route.resource else UNMATCHED_PATH,
+        request_id=request.headers.get("x-request-id", "")[:64] or uuid.uuid4().hex,
+    )
     try:
         return await handler(request)
     except errors.HeadwayError as e:
+        exchange.fail(e)
         return error_response(e)
+    except ClientGone as gone:
+        # Nothing can reach the client any more; aiohttp closes the connection.
+        exchange.status, exchange.outcome = 499, "client_cancelled"
+        return gone.response
+    except asyncio.CancelledError:
+        exchange.status, exchange.outcome = 499, "client_cancelled"
+        raise
     except web.HTTPException as e:
         if e.status < 400:
             raise
         code = e.reason.lower().replace(" ", "_")
-        failure = errors.InvalidRequest(f"{request.method} {request.path}: {e.reason}", code=code)
+        failure = errors.InvalidRequest(f"{request.method} {exchange.path}: {e.reason}", code=code)
         failure.status = e.status
+        exchange.fail(failure)
         return error_response(failure)
     except Exception:
-        logger.exception("unexpected error serving %s %s", request.method, request.path)
-        return error_response(errors.HeadwayError("The sidecar failed to serve this request."))
+        logger.exception("unexpected error serving %s %s", request.method, exchange.path)
+        internal = errors.HeadwayError("The sidecar failed to serve this request.")
+        exchange.fail(internal)
+        return error_response(internal)
+    finally:
+        record(request.app[GATEWAY].metrics, exchange)
 
 
 # -- the record of one request ---------------------------------------------------------------
@@ -156,6 +180,11 @@ class Exchange:
     def fail(self, error: errors.HeadwayError) -> None:
         self.status = error.status
         self.outcome = _outcome(error)
+
+
+EXCHANGE = web.RequestKey("exchange", Exchange)
+# The path logged for requests to no known endpoint: scanners' paths are not kept.
+UNMATCHED_PATH = "unmatched"
 
 
 def _outcome(error: errors.HeadwayError) -> str:
@@ -215,23 +244,7 @@ def record(metrics: Metrics, exchange: Exchange) -> None:
 
 async def proxy(request: web.Request) -> web.StreamResponse:
     """POST /v1/chat/completions, /v1/completions and /v1/embeddings."""
-    gateway = request.app[GATEWAY]
-    exchange = Exchange(
-        arrival=time.monotonic(),
-        method=request.method,
-        path=request.path,
-        request_id=request.headers.get("x-request-id", "")[:64] or uuid.uuid4().hex,
-    )
-    try:
-        return await _proxy(gateway, request, exchange)
-    except errors.HeadwayError as e:
-        exchange.fail(e)
-        raise
-    except asyncio.CancelledError:
-        exchange.status, exchange.outcome = 499, "client_cancelled"
-        raise
-    finally:
-        record(gateway.metrics, exchange)
+    return await _proxy(request.app[GATEWAY], request, request[EXCHANGE])
 
 
 async def _proxy(gateway: Gateway, request: web.Request, exchange: Exchange) -> web.StreamResponse:
@@ -270,7 +283,9 @@ async def _proxy(gateway: Gateway, request: web.Request, exchange: Exchange) -> 
     estimate = estimating.estimate_input_tokens(body)
     output = estimating.output_cap(body, route.default_max_tokens, endpoint)
     pricing = _pricing(document, candidates[0].pool)
-    admission = await _reserve(gateway, exchange, tenant, quotas, priority, estimate, output, pricing)
+    admission = await _reserve(
+        gateway, exchange, tenant, quotas, priority, estimate, output, pricing
+    )
     if admission.demoted:
         priority = "batch"
         exchange.labels = Labels(route=route.model, tenant=tenant.name, priority=priority)
@@ -302,9 +317,9 @@ async def _proxy(gateway: Gateway, request: web.Request, exchange: Exchange) -> 
 
 async def list_models(request: web.Request) -> web.Response:
     """GET /v1/models: the model names clients may call, one per route."""
-    gateway = request.app[GATEWAY]
-    config = gateway.store.current
-    config.authenticator.tenant(request.headers)
+    config = request.app[GATEWAY].store.current
+    tenant = config.authenticator.tenant(request.headers)
+    request[EXCHANGE].labels = Labels(tenant=tenant.name)
     data = [
         {"id": route.model, "object": "model", "created": 0, "owned_by": "headway"}
         for route in config.document.routes
@@ -446,7 +461,7 @@ class Call:
     response_headers: dict[str, str]  # x-ratelimit-* from the admission
     exchange: Exchange
     hop: bool = False  # forwarded here by another sidecar: local queue only
-    reached_upstream: bool = False  # a model server (or sidecar) saw the request
+    reached_upstream: bool = False  # a model server (or sidecar) answered the request
     client: ClientStream | None = None  # the client's SSE response, once begun
 
     @property
@@ -459,6 +474,23 @@ class Call:
         return self.exchange.arrival + self.route.total_timeout
 
 
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where one attempt sends the request: URL, body and headers, and whether it queues here.
+
+    The queue and the limiter never look at a target. Another kind of
+    upstream (a hosted provider with its own URL, key and model names) is
+    one more branch of :func:`resolve_target`; one with another wire format
+    also brings its own relay in place of :mod:`streaming`'s.
+    """
+
+    pool: str
+    url: str
+    body: bytes
+    headers: dict[str, str]
+    local: bool  # served through this sidecar's own queue and model server
+
+
 class _Failover(Exception):
     """The backend could not take the request and nothing reached the client yet."""
 
@@ -467,6 +499,14 @@ class _Failover(Exception):
         self.reason = reason
         self.error = error
         self.answer = answer  # the upstream's own answer, relayed if no backend is left
+
+
+class ClientGone(Exception):
+    """Writing to the client failed: it hung up. Nothing more can be sent."""
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        super().__init__("the client closed the connection")
+        self.response = response
 
 
 async def _dispatch(call: Call, candidates: Sequence[Backend]) -> web.StreamResponse:
@@ -485,21 +525,20 @@ async def _dispatch(call: Call, candidates: Sequence[Backend]) -> web.StreamResp
     return await _answer_late(call, failure.answer)
 
 
-async def _attempt(call: Call, backend: Backend) -> web.StreamResponse:
-    document, exchange = call.document, call.exchange
-    exchange.backend = backend.pool
-    path = call.request.path
+def resolve_target(call: Call, backend: Backend) -> Target:
+    """The upstream of one backend: the local model server, or another pool's sidecars."""
+    document, path = call.document, call.request.path
     if backend.pool == document.pool:
-        slot = await _acquire(call)
-        exchange.local = True
-        try:
-            server = document.server
-            url = f"http://{server.host}:{server.port}{path}"
-            return await _forward(call, url, model=backend.model, hop=None)
-        finally:
-            slot.release()
+        server = document.server
+        body = streaming.prepare_upstream_body(call.body, call.raw, model=backend.model)
+        return Target(
+            pool=backend.pool,
+            url=f"http://{server.host}:{server.port}{path}",
+            body=body,
+            headers=_upstream_headers(call, hop=None),
+            local=True,
+        )
 
-    exchange.local = False
     ref = document.pool_ref(backend.pool)
     if ref is None:  # the contract checks references; a stale config could still miss one
         raise _Failover(
@@ -507,16 +546,37 @@ async def _attempt(call: Call, backend: Backend) -> web.StreamResponse:
             error=errors.UpstreamError(f"pool {backend.pool} has no address"),
             answer=None,
         )
-    upstream = streaming.prepare_upstream_body(call.body, call.raw, model=None)
+    # The next sidecar swaps in its own model name; the hop signs these exact bytes.
+    body = streaming.prepare_upstream_body(call.body, call.raw, model=None)
     hop = auth.new_hop(
         call.config.keys,
         pool=backend.pool,
         route=call.route.model,
         tenant=call.tenant,
         priority=call.priority,
-        body=upstream,
+        body=body,
     )
-    return await _forward(call, ref.address.rstrip("/") + path, model=None, hop=hop)
+    return Target(
+        pool=backend.pool,
+        url=ref.address.rstrip("/") + path,
+        body=body,
+        headers=_upstream_headers(call, hop=hop),
+        local=False,
+    )
+
+
+async def _attempt(call: Call, backend: Backend) -> web.StreamResponse:
+    target = resolve_target(call, backend)
+    call.exchange.backend = target.pool
+    call.exchange.local = target.local
+    if not target.local:
+        return await _forward(call, target)
+    slot = await _acquire(call)
+    try:
+        return await _forward(call, target)
+    finally:
+        # NB: also on cancellation, so a client that hangs up frees its slot at once.
+        slot.release()
 
 
 async def _acquire(call: Call) -> queueing.Slot:
@@ -539,13 +599,12 @@ async def _acquire(call: Call) -> queueing.Slot:
                 slot = acquiring.result()
                 break
             if exchange.stream:
-                client = await _begin_stream(call)
-                await client.send_comment("queued")
+                await _begin_stream(call).send_comment("queued")
     except errors.QueueFull as e:
         raise _Failover("queue full", error=e, answer=None) from None
     except BaseException:
-        # Cancelled while waiting: leave the queue now. Handed a slot in the
-        # same instant: give it back.
+        # Cancelled while waiting, or the client hung up: leave the queue now.
+        # Handed a slot in the same instant: give it back.
         if not acquiring.done():
             acquiring.cancel()
         elif not acquiring.cancelled() and acquiring.exception() is None:
@@ -574,57 +633,141 @@ def _response_headers(call: Call, upstream: Mapping[str, str]) -> CIMultiDict[st
     return headers
 
 
-def _remaining(call: Call) -> float:
-    remaining = call.deadline - time.monotonic()
-    if remaining <= 0:
-        raise errors.UpstreamTimeout(
-            f"The request did not finish within the route's total timeout "
-            f"({call.route.total_timeout:g} s)."
-        )
-    return remaining
+def _total_timeout(call: Call) -> errors.UpstreamTimeout:
+    return errors.UpstreamTimeout(
+        f"The request did not finish within the route's total timeout "
+        f"({call.route.total_timeout:g} s)."
+    )
 
 
-async def _forward(call: Call, url: str, *, model: str | None, hop: str | None) -> web.StreamResponse:
-    """Send the request to one upstream and relay its answer, or raise _Failover."""
-    body = streaming.prepare_upstream_body(call.body, call.raw, model=model)
+async def _forward(call: Call, target: Target) -> web.StreamResponse:
+    """Send the request to one upstream and relay its answer, or raise _Failover.
+
+    aiohttp's client errors are translated here and only here.
+    """
+    dispatched = time.monotonic()
+    if dispatched >= call.deadline:
+        raise _total_timeout(call)
+    # A streaming server answers its headers before the first token, so a
+    # server that sends none within the first-token timeout is stuck (a
+    # non-streaming one sends them with the whole answer: only `total` applies).
+    first_token = dispatched + call.route.first_token_timeout
+    headers_by = min(first_token, call.deadline) if call.exchange.stream else call.deadline
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=_CONNECT_TIMEOUT)
+    # NB: loop.time() is time.monotonic(), the clock of every deadline here.
+    scope = asyncio.timeout_at(headers_by)
     try:
-        async with asyncio.timeout(_remaining(call)):
-            async with call.session.post(
-                url, data=body, headers=_upstream_headers(call, hop), timeout=timeout
-            ) as upstream:
-                call.reached_upstream = True
-                if upstream.status >= 500 or upstream.status == 429:
-                    answer = await _relayed_error(call, upstream)
-                    raise _Failover(
-                        f"answered {upstream.status}", error=_status_error(answer), answer=answer
-                    )
-                if upstream.status >= 400:
-                    answer = await _relayed_error(call, upstream)
-                    call.exchange.status, call.exchange.outcome = answer.status, "upstream_error"
-                    return await _answer_late(call, answer)
-                if call.exchange.stream:
-                    return await _relay_stream(call, upstream)
-                return await _relay_whole(call, upstream)
-    except TimeoutError:
-        raise errors.UpstreamTimeout(
-            f"The request did not finish within the route's total timeout "
-            f"({call.route.total_timeout:g} s)."
-        ) from None
+        async with (
+            scope,
+            # NB: a BytesIO, not bytes: aiohttp writes it in pieces, yielding to the
+            # loop, where bytes over 1 MiB go in one blocking write (and warn).
+            call.session.post(
+                target.url, data=io.BytesIO(target.body), headers=target.headers, timeout=timeout
+            ) as upstream,
+        ):
+            call.reached_upstream = True
+            scope.reschedule(call.deadline)
+            return await _relay(call, upstream, first_token)
     except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
         raise _Failover(
             f"unreachable: {e}",
             error=errors.UpstreamError("The model server is unreachable."),
             answer=None,
         ) from None
+    except TimeoutError:
+        if not scope.expired():
+            raise
+        if not call.reached_upstream and headers_by < call.deadline:
+            raise errors.UpstreamTimeout(
+                f"The model server sent nothing within the route's first-token timeout "
+                f"({call.route.first_token_timeout:g} s)."
+            ) from None
+        raise _total_timeout(call) from None
     except aiohttp.ClientError as e:
-        if call.client is not None and call.client.sent_data:
-            raise  # handled by the relay
         raise _Failover(
             f"failed: {type(e).__name__}",
             error=errors.UpstreamError("The model server closed the connection."),
             answer=None,
         ) from None
+
+
+async def _relay(
+    call: Call, upstream: aiohttp.ClientResponse, first_token: float
+) -> web.StreamResponse:
+    if upstream.status >= 400:
+        answer = await _relayed_error(call, upstream)
+        if upstream.status >= 500 or upstream.status == 429:
+            reason = f"answered {upstream.status}"
+            raise _Failover(reason, error=_status_error(answer), answer=answer)
+        call.exchange.status, call.exchange.outcome = answer.status, "upstream_error"
+        return await _answer_late(call, answer)
+    if call.exchange.stream:
+        return await _relay_stream(call, upstream, first_token)
+    return await _relay_whole(call, upstream)
+
+
+async def _relay_whole(call: Call, upstream: aiohttp.ClientResponse) -> web.Response:
+    try:
+        raw = await upstream.read()
+    except BaseException:
+        # The model server read the prompt at least; a later attempt overwrites this.
+        call.exchange.input_tokens = call.estimate
+        raise
+    _account(call, streaming.account_response(raw, input_estimate=call.estimate))
+    headers = _response_headers(call, upstream.headers)
+    return web.Response(status=upstream.status, body=raw, headers=headers)
+
+
+async def _relay_stream(
+    call: Call, upstream: aiohttp.ClientResponse, first_token: float
+) -> web.StreamResponse:
+    """Relay an SSE answer; an error before its first token is still a status."""
+    relay = streaming.Relay(
+        call.body,
+        input_estimate=call.estimate,
+        first_token_deadline=first_token,
+        deadline=call.deadline,
+    )
+    finished = False
+    try:
+        try:
+            head = await relay.start(upstream.content.iter_any())
+        except errors.HeadwayError as e:
+            if streaming.may_fail_over(e):
+                raise _Failover(f"stream failed: {e.message}", error=e, answer=None) from None
+            raise
+        client = _begin_stream(call)
+        await client.send(head)
+        # NB: closed at once if the client leaves, not whenever it is collected.
+        rest = cast(AsyncGenerator[bytes, None], relay.rest())
+        async with contextlib.aclosing(rest):
+            async for piece in rest:
+                await client.send(piece)
+        await client.finish()
+        finished = True
+        return client.response
+    finally:
+        _account(call, relay.accounting())
+        if not finished:
+            # Closing (not releasing) the connection is what makes the model
+            # server notice and stop generating for a client that left.
+            upstream.close()
+
+
+def _account(call: Call, accounting: streaming.Accounting) -> None:
+    """Copy what the relay measured into the request's record."""
+    exchange, metrics = call.exchange, call.gateway.metrics
+    exchange.input_tokens = accounting.input_tokens
+    exchange.output_tokens = accounting.output_tokens
+    exchange.outcome = accounting.outcome
+    if accounting.outcome == "client_cancelled":
+        exchange.status = 499
+    exchange.ttft = accounting.ttft(exchange.arrival)
+    exchange.tpot = accounting.tpot
+    if accounting.stream_error is not None:
+        metrics.stream_errors.labels(accounting.stream_error).inc()
+    if accounting.parse_errors:
+        metrics.stream_errors.labels("parse_error").inc(accounting.parse_errors)
 
 
 def _status_error(answer: web.Response) -> errors.HeadwayError:
@@ -645,7 +788,11 @@ async def _relayed_error(call: Call, upstream: aiohttp.ClientResponse) -> web.Re
 
 
 class ClientStream:
-    """The client's SSE response, begun early when a queued stream needs keep-alives."""
+    """The client's SSE response, begun early when a queued stream needs keep-alives.
+
+    Every write failure becomes :class:`ClientGone`, never an aiohttp client
+    error, so it cannot be mistaken for an upstream failure.
+    """
 
     def __init__(self, request: web.Request, headers: Mapping[str, str]) -> None:
         self.request = request
@@ -654,34 +801,40 @@ class ClientStream:
         self.response.headers["cache-control"] = "no-cache"
         self.sent_data = False  # an event (not only comments) reached the client
 
-    async def begin(self) -> None:
-        if not self.response.prepared:
-            await self.response.prepare(self.request)
+    async def _write(self, data: bytes) -> None:
+        try:
+            if not self.response.prepared:
+                await self.response.prepare(self.request)
+            if data:
+                await self.response.write(data)
+        except (ConnectionError, RuntimeError):
+            # RuntimeError: aiohttp's "cannot write to closing transport".
+            raise ClientGone(self.response) from None
 
     async def send_comment(self, text: str) -> None:
-        await self.begin()
-        await self.response.write(sse.encode_comment(text))
+        await self._write(sse.encode_comment(text))
 
     async def send(self, data: bytes) -> None:
-        await self.begin()
+        await self._write(data)
         if data:
-            await self.response.write(data)
             self.sent_data = True
 
     async def fail(self, error: errors.HeadwayError) -> None:
         """End the stream with an OpenAI-shaped error event (clients raise on it)."""
-        await self.send(b"data: " + error.to_json() + b"\n\n")
-        await self.response.write_eof()
+        await self.send(sse.encode_json(error.body()))
+        await self.finish()
 
     async def finish(self) -> None:
-        await self.begin()
-        await self.response.write_eof()
+        await self._write(b"")
+        try:
+            await self.response.write_eof()
+        except (ConnectionError, RuntimeError):
+            raise ClientGone(self.response) from None
 
 
-async def _begin_stream(call: Call) -> ClientStream:
+def _begin_stream(call: Call) -> ClientStream:
     if call.client is None:
         call.client = ClientStream(call.request, call.response_headers)
-    await call.client.begin()
     return call.client
 
 
@@ -690,7 +843,7 @@ async def _answer_late(call: Call, answer: web.Response) -> web.StreamResponse:
     if call.client is None:
         return answer
     error = _status_error(answer)
-    with contextlib.suppress(ValueError, TypeError, KeyError):
+    with contextlib.suppress(ValueError, TypeError, KeyError, AttributeError):
         detail = json.loads(answer.body)["error"]  # type: ignore[arg-type]
         error.message = str(detail.get("message") or error.message)
     await call.client.fail(error)
@@ -706,8 +859,7 @@ async def _run(call: Call, candidates: Sequence[Backend]) -> web.StreamResponse:
             raise
         call.exchange.fail(e)
         call.exchange.status = 200
-        with contextlib.suppress(ConnectionResetError):
-            await call.client.fail(e)
+        await call.client.fail(e)
         return call.client.response
 
 
@@ -751,7 +903,9 @@ async def _serve_hop(
     route = document.route(hop.route)
     backend = None
     if route is not None:
-        backend = next((b for b in (*route.backends, *route.fallback) if b.pool == document.pool), None)
+        backend = next(
+            (b for b in (*route.backends, *route.fallback) if b.pool == document.pool), None
+        )
     if route is None or backend is None:
         raise errors.NotFound(f"Route {_shown(hop.route)} does not reach this pool.")
     tenant = bounded(hop.tenant, {t.name for t in document.tenants}, UNKNOWN_TENANT)

@@ -12,14 +12,15 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
+from headway_contract import ContractError, KeyFileError, load_hashing_keys
 from prometheus_client import CollectorRegistry
 
-from headway_contract import ContractError, KeyFileError, load_hashing_keys
 from headway_sidecar import accesslog, admin, configuring, limiting, proxying, queueing
 from headway_sidecar.metrics import Metrics
 
@@ -66,7 +67,7 @@ async def start(
     key_file: str | None,
     push_token_file: str | None,
     registry: CollectorRegistry,
-    settings: Settings = Settings(),  # noqa: B008 - frozen, so sharing the default is safe
+    settings: Settings = Settings(),
 ) -> Running:
     """Load the config, build both apps and listen; raises OSError, ContractError, KeyFileError."""
     metrics = Metrics(registry)
@@ -176,6 +177,7 @@ def run(
 ) -> int:
     """Serve until SIGTERM or SIGINT, then drain; 0 on a clean stop, 2 when it cannot start."""
     accesslog.install_redaction()
+    accesslog.install_handler(sys.stderr)
     settings = Settings(grace=grace)
     try:
         return asyncio.run(

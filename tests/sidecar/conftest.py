@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
+from aiohttp import ClientResponse, ClientSession, web
 from headway_sidecar import serving, simulator
 from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.contract.sample import key_hash, sample
 
@@ -194,9 +195,9 @@ def metric(running: serving.Running, name: str, **labels: str) -> float:
     return 0.0 if value is None else value
 
 
-async def eventually(check: Callable[[], bool], *, timeout: float = 10.0) -> None:
+async def eventually(check: Callable[[], bool], *, within: float = 10.0) -> None:
     """Poll until ``check()`` holds; generous deadline, no timing asserted."""
-    deadline = asyncio.get_running_loop().time() + timeout
+    deadline = asyncio.get_running_loop().time() + within
     while not check():
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not reached within the deadline")
@@ -217,11 +218,11 @@ class Process:
     def url(self) -> str:
         return self.urls[0]
 
-    async def stop(self, timeout: float = 15.0) -> int:
+    async def stop(self, within: float = 15.0) -> int:
         if self.process.returncode is None:
             self.process.send_signal(signal.SIGTERM)
         try:
-            return await asyncio.wait_for(self.process.wait(), timeout)
+            return await asyncio.wait_for(self.process.wait(), within)
         finally:
             if self.process.returncode is None:
                 self.process.kill()
@@ -232,7 +233,7 @@ class Process:
                     await self._reader
 
 
-async def spawn(args: list[str], ready: re.Pattern[str], timeout: float = 30.0) -> Process:
+async def spawn(args: list[str], ready: re.Pattern[str], within: float = 30.0) -> Process:
     """Run ``headway <args>`` and wait for the log line that names its address(es)."""
     process = await asyncio.create_subprocess_exec(
         str(HEADWAY),
@@ -244,7 +245,7 @@ async def spawn(args: list[str], ready: re.Pattern[str], timeout: float = 30.0) 
     assert process.stderr is not None
     log: list[str] = []
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(within):
             while True:
                 line = (await process.stderr.readline()).decode()
                 if not line:
@@ -293,6 +294,124 @@ async def spawn_sidecar(
     args += ["--admin-listen", "127.0.0.1:0", "--grace", "10s"]
     if push_token_file is not None:
         args += ["--push-token-file", str(push_token_file)]
-    sidecar = await spawn(args, re.compile(r" on (http://[\d.]+:\d+) \(admin (http://[\d.]+:\d+)\)"))
+    sidecar = await spawn(
+        args, re.compile(r" on (http://[\d.]+:\d+) \(admin (http://[\d.]+:\d+)\)")
+    )
     processes.append(sidecar)
     return sidecar
+
+
+@dataclass
+class Stack:
+    """A ``headway simulate`` process with a ``headway sidecar`` process in front of it."""
+
+    sim: Process
+    sidecar: Process
+    config: Path  # the sidecar's config file (polled)
+    document: dict[str, Any]  # what the config file holds
+
+    @property
+    def url(self) -> str:
+        return self.sidecar.urls[0]
+
+    @property
+    def admin_url(self) -> str:
+        return self.sidecar.urls[1]
+
+    @property
+    def sim_url(self) -> str:
+        return self.sim.url
+
+
+async def start_stack(
+    processes: list[Process],
+    tmp_path: Path,
+    *sim_flags: str,
+    edit: Callable[[dict[str, Any]], None] | None = None,
+) -> Stack:
+    """Start a simulator with ``sim_flags``, then a sidecar on the sample document.
+
+    ``edit`` changes the document (capacity, tenants...) before it is written.
+    The sidecar's push token is :data:`PUSH_TOKEN`.
+    """
+    sim = await spawn_simulator(processes, *sim_flags)
+    data = document(int(sim.url.rsplit(":", 1)[1]))
+    if edit is not None:
+        edit(data)
+    config = write_json(tmp_path / "stack.json", data)
+    token = tmp_path / "stack.token"
+    token.write_text(PUSH_TOKEN + "\n")
+    sidecar = await spawn_sidecar(processes, config, push_token_file=token)
+    return Stack(sim, sidecar, config, data)
+
+
+async def read_events(response: ClientResponse) -> list[Any]:
+    """The data of every SSE event of a response: parsed JSON, or the raw text."""
+    events: list[Any] = []
+    async for line in response.content:
+        text = line.decode().rstrip("\r\n")
+        if text.startswith("data:"):
+            data = text[5:].strip()
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def content_of(events: list[Any]) -> str:
+    return "".join(
+        choice["delta"].get("content") or ""
+        for event in events
+        if isinstance(event, dict)
+        for choice in event.get("choices", ())
+    )
+
+
+def content_chunks(events: list[Any]) -> int:
+    """How many chunks carried content (one token each from the simulator)."""
+    return sum(
+        1
+        for event in events
+        if isinstance(event, dict)
+        for choice in event.get("choices", ())
+        if choice["delta"].get("content")
+    )
+
+
+async def scrape(http: ClientSession, admin_url: str) -> str:
+    async with http.get(f"{admin_url}/metrics") as r:
+        assert r.status == 200
+        return await r.text()
+
+
+def sample_value(text: str, name: str, **labels: str) -> float:
+    """One sample of a /metrics page (0 when absent), matched on exactly ``labels``."""
+    for family in text_string_to_metric_families(text):
+        for found in family.samples:
+            if found.name == name and found.labels == labels:
+                return float(found.value)
+    return 0.0
+
+
+async def wait_load(
+    http: ClientSession,
+    admin_url: str,
+    check: Callable[[dict[str, Any]], bool],
+    *,
+    within: float = 60.0,
+) -> dict[str, Any]:
+    """Poll the sidecar's ``GET /load`` until ``check`` holds; the last report."""
+    async with asyncio.timeout(within):
+        while True:
+            async with http.get(f"{admin_url}/load") as r:
+                load: dict[str, Any] = await r.json()
+            if check(load):
+                return load
+            await asyncio.sleep(0.05)
+
+
+async def until(check: Callable[[], Awaitable[bool]], *, within: float = 30.0) -> None:
+    """Poll an async ``check`` until it holds; generous deadline, no timing asserted."""
+    async with asyncio.timeout(within):
+        while True:
+            if await check():
+                return
+            await asyncio.sleep(0.05)

@@ -45,7 +45,9 @@ def chat(stream: bool = False, **extra: Any) -> dict[str, Any]:
 async def test_metrics_expose_every_series_of_the_design(sim: Sim, start_sidecar: Start) -> None:
     running = await start_sidecar(document(sim.port))
     async with aiohttp.ClientSession() as http:
-        async with http.post(f"{running.url}/v1/chat/completions", json=chat(True), headers=AUTH) as r:
+        async with http.post(
+            f"{running.url}/v1/chat/completions", json=chat(True), headers=AUTH
+        ) as r:
             assert r.status == 200
             await r.read()
         async with http.get(f"{running.admin_url}/metrics") as r:
@@ -55,10 +57,13 @@ async def test_metrics_expose_every_series_of_the_design(sim: Sim, start_sidecar
     for name in METRIC_NAMES:
         base = name.removesuffix("_total")
         assert name in text or base in declared, name
-    assert 'headway_capacity_slots 4.0' in text
+    assert "headway_capacity_slots 4.0" in text
     version = running.gateway.store.current.document.version
     assert f'headway_config_info{{version="{version}"}} 1.0' in text
-    assert 'headway_requests_total{outcome="ok",priority="realtime",route="chat",tenant="team-a"}' in text
+    assert (
+        'headway_requests_total{outcome="ok",priority="realtime",route="chat",tenant="team-a"}'
+        in text
+    )
 
 
 async def test_healthz_answers_and_readyz_follows_the_model_server(
@@ -79,20 +84,18 @@ async def test_healthz_answers_and_readyz_follows_the_model_server(
 async def test_readyz_is_503_while_draining(sim: Sim, start_sidecar: Start) -> None:
     running = await start_sidecar(document(sim.port))
     running.gateway.begin_drain()
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"{running.admin_url}/readyz") as r:
-            assert r.status == 503
-            assert (await r.json())["status"] == "draining"
+    async with aiohttp.ClientSession() as http, http.get(f"{running.admin_url}/readyz") as r:
+        assert r.status == 503
+        assert (await r.json())["status"] == "draining"
 
 
 async def test_get_config_reports_version_and_generation(sim: Sim, start_sidecar: Start) -> None:
     running = await start_sidecar(document(sim.port, generation=7))
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"{running.admin_url}/config") as r:
-            assert await r.json() == {
-                "version": running.gateway.store.current.document.version,
-                "generation": 7,
-            }
+    async with aiohttp.ClientSession() as http, http.get(f"{running.admin_url}/config") as r:
+        assert await r.json() == {
+            "version": running.gateway.store.current.document.version,
+            "generation": 7,
+        }
 
 
 async def test_put_config_needs_the_push_token(sim: Sim, start_sidecar: Start) -> None:
@@ -118,13 +121,15 @@ async def test_put_config_needs_the_push_token(sim: Sim, start_sidecar: Start) -
 
 async def test_put_config_is_refused_without_a_token_file(sim: Sim, start_sidecar: Start) -> None:
     running = await start_sidecar(document(sim.port), push_token=False)
-    async with aiohttp.ClientSession() as http:
-        async with http.put(
+    async with (
+        aiohttp.ClientSession() as http,
+        http.put(
             f"{running.admin_url}/config",
             data=json.dumps(document(sim.port, generation=2)),
             headers=PUSH,
-        ) as r:
-            assert r.status == 403
+        ) as r,
+    ):
+        assert r.status == 403
     assert running.gateway.store.current.document.generation == 1
 
 
@@ -138,7 +143,9 @@ async def test_put_config_refuses_lower_generation_and_bad_documents(
     bad_field = document(sim.port, generation=9)
     bad_field["capacity"]["maxConcurrency"] = "lots"
     async with aiohttp.ClientSession() as http:
-        async with http.put(url, data=json.dumps(document(sim.port, generation=4)), headers=PUSH) as r:
+        async with http.put(
+            url, data=json.dumps(document(sim.port, generation=4)), headers=PUSH
+        ) as r:
             assert r.status == 409
             assert "lower" in (await r.json())["error"]["message"]
         for bad in (json.dumps(unknown_schema), json.dumps(bad_field), "{not json"):
@@ -160,10 +167,12 @@ async def test_put_config_of_the_running_document_changes_nothing(
 ) -> None:
     data = document(sim.port, generation=3)
     running = await start_sidecar(data)
-    async with aiohttp.ClientSession() as http:
-        async with http.put(f"{running.admin_url}/config", data=json.dumps(data), headers=PUSH) as r:
-            assert r.status == 200
-            assert (await r.json())["changed"] is False
+    async with (
+        aiohttp.ClientSession() as http,
+        http.put(f"{running.admin_url}/config", data=json.dumps(data), headers=PUSH) as r,
+    ):
+        assert r.status == 200
+        assert (await r.json())["changed"] is False
 
 
 async def test_load_reports_queues_capacity_and_ttft_buckets(

@@ -1,0 +1,210 @@
+"""`helm install` onto the cluster profile, and the Makefile's cluster targets.
+
+kwok marks pods Running on its fake nodes, so `--wait` sees the operator and
+Redis Deployments become Available exactly as on a real cluster; nothing runs
+in them. `make deploy` and `make kind-demo` need only helm and kubectl, so
+they run here against the same API server (kind and Docker cannot).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.fixtures.kube import ControlPlane
+from tests.helm import charting
+from tests.helm.charting import CHART, REPO, Helm
+
+pytestmark = pytest.mark.cluster
+
+
+@dataclass(frozen=True)
+class Release:
+    name: str
+    namespace: str
+    fullname: str
+
+
+@pytest.fixture(scope="module")
+def helm(cluster: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Helm:
+    return charting.make_helm(tmp_path_factory.mktemp("helm-home")).with_kubeconfig(
+        cluster.kubeconfig
+    )
+
+
+@pytest.fixture(scope="module")
+def release(cluster: ControlPlane, helm: Helm) -> Iterator[Release]:
+    """The chart installed with its Redis, waited on until every Deployment is Available."""
+    suffix = secrets.token_hex(3)
+    name, namespace = f"hw-{suffix}", f"hw-install-{suffix}"
+    with charting.values_file({"redis": {"enabled": True}}) as values:
+        helm.run(
+            "install", name, str(CHART), "--namespace", namespace, "--create-namespace",
+            "-f", str(values), "--wait", "--timeout", "5m",
+        )  # fmt: skip
+    yield Release(name, namespace, f"{name}-headway")
+    helm.run("uninstall", name, "--namespace", namespace, "--wait", check=False)
+
+
+def _crd_names() -> list[str]:
+    names = []
+    for path in sorted((CHART / "crds").glob("*.yaml")):
+        names += [doc["metadata"]["name"] for doc in yaml.safe_load_all(path.read_text()) if doc]
+    return names
+
+
+def _condition(obj: dict[str, Any], kind: str) -> str | None:
+    for condition in obj.get("status", {}).get("conditions") or []:
+        if condition["type"] == kind:
+            status: str = condition["status"]
+            return status
+    return None
+
+
+def test_install_establishes_every_crd(cluster: ControlPlane, release: Release) -> None:
+    del release
+    names = _crd_names()
+    assert "modelpools.headway.dev" in names and "clusterkopfpeerings.kopf.dev" in names
+    for name in names:
+        assert _condition(cluster.get("crd", name), "Established") == "True", name
+
+
+@pytest.mark.parametrize("component", ["operator", "redis"])
+def test_deployment_is_available_on_a_kwok_node(
+    cluster: ControlPlane, release: Release, component: str
+) -> None:
+    deployment = cluster.get(
+        "deployment", f"{release.fullname}-{component}", "-n", release.namespace
+    )
+    assert _condition(deployment, "Available") == "True"
+    assert deployment["status"]["availableReplicas"] == 1
+
+    labels = deployment["spec"]["selector"]["matchLabels"]
+    selector = ",".join(f"{k}={v}" for k, v in labels.items())
+    pods = cluster.get("pods", "-n", release.namespace, "-l", selector)["items"]
+    assert len(pods) == 1
+    (pod,) = pods
+    assert pod["spec"]["nodeName"] in cluster.nodes.values()
+    assert pod["status"]["phase"] == "Running"
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+
+
+def test_operator_pod_runs_as_the_chart_service_account(
+    cluster: ControlPlane, release: Release
+) -> None:
+    account = f"{release.fullname}-operator"
+    selector = f"app.kubernetes.io/instance={release.name},app.kubernetes.io/component=operator"
+    (pod,) = cluster.get("pods", "-n", release.namespace, "-l", selector)["items"]
+    assert pod["spec"]["serviceAccountName"] == account
+
+    token = cluster.token_for_service_account(release.namespace, account)
+
+    def can_i(*args: str) -> str:
+        done = cluster.kubectl("auth", "can-i", *args, token=token, check=False)
+        return done.stdout.strip()
+
+    assert can_i("watch", "modelpools.headway.dev", "--all-namespaces") == "yes"
+    assert can_i("patch", "deployments", "-n", "default") == "yes"
+    # Least privilege: no cluster administration.
+    assert can_i("delete", "nodes") == "no"
+    assert can_i("create", "clusterrolebindings") == "no"
+    assert can_i("delete", "namespaces") == "no"
+
+
+def test_crd_upgrade_step_applies_changed_crds_over_helms(
+    cluster: ControlPlane, release: Release, tmp_path: Path
+) -> None:
+    """The upgrade step docs/install.md gives, on CRDs Helm created."""
+    del release
+    crds = tmp_path / "crds"
+    shutil.copytree(CHART / "crds", crds)  # dereferences the links
+    path = crds / "modelpools.yaml"
+    crd = yaml.safe_load(path.read_text())
+    column = crd["spec"]["versions"][0]["additionalPrinterColumns"][0]
+    original = column["description"]
+    column["description"] = f"{original} (upgraded)"
+    path.write_text(yaml.safe_dump(crd))
+
+    # Helm applies them server-side as field manager "helm" (or another test
+    # of the session did, under its own name): without --force-conflicts
+    # every changed field is a conflict.
+    upgrade = ("apply", "--server-side", "--force-conflicts")
+    refused = cluster.kubectl("apply", "--server-side", "-f", str(crds), check=False)
+    assert refused.returncode != 0
+    assert re.search(r'conflicts? with "', refused.stderr), refused.stderr
+    try:
+        cluster.kubectl(*upgrade, "-f", str(crds))
+        served = cluster.get("crd", "modelpools.headway.dev")
+        assert served["spec"]["versions"][0]["additionalPrinterColumns"][0]["description"] == (
+            f"{original} (upgraded)"
+        )
+    finally:
+        # Put back the CRD the rest of the session expects.
+        cluster.kubectl(*upgrade, "-f", str(CHART / "crds"))
+    served = cluster.get("crd", "modelpools.headway.dev")
+    assert served["spec"]["versions"][0]["additionalPrinterColumns"][0]["description"] == original
+
+
+def _make(
+    target: str, *variables: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        ["make", "--no-print-directory", "-C", str(REPO), target, *variables],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+    assert done.returncode == 0, f"make {target} failed:\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+def test_make_deploy_installs_the_chart(cluster: ControlPlane, helm: Helm) -> None:
+    namespace = f"hw-deploy-{secrets.token_hex(3)}"
+    kubectl = f"{cluster.bin_dir / 'kubectl'} --kubeconfig={cluster.kubeconfig}"
+    helm_cmd = f"{helm.binary} --kubeconfig={cluster.kubeconfig}"
+    try:
+        _make(
+            "deploy", f"KUBECTL={kubectl}", f"HELM={helm_cmd}", f"NAMESPACE={namespace}",
+            env=helm.environment(),
+        )  # fmt: skip
+        deployment = cluster.get("deployment", "headway-operator", "-n", namespace)
+        assert _condition(deployment, "Available") == "True"
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        assert container["image"] == "headway:dev"
+        redis = cluster.get("deployment", "headway-redis", "-n", namespace)
+        assert _condition(redis, "Available") == "True"
+    finally:
+        helm.run("uninstall", "headway", "--namespace", namespace, "--wait", check=False)
+
+
+def test_make_kind_demo_swaps_every_pool_server_for_the_simulator(
+    cluster: ControlPlane, release: Release
+) -> None:
+    del release  # for the CRDs
+    namespace = f"hw-demo-{secrets.token_hex(3)}"
+    cluster.create_namespace(namespace)
+    kubectl = f"{cluster.bin_dir / 'kubectl'} --kubeconfig={cluster.kubeconfig} -n {namespace}"
+
+    _make("kind-demo", f"KUBECTL={kubectl}", "IMAGE_TAG=demo")
+
+    pools = cluster.get("modelpools", "-n", namespace)["items"]
+    assert sorted(p["metadata"]["name"] for p in pools) == ["llama-70b", "llama-8b"]
+    for pool in pools:
+        (container,) = pool["spec"]["server"]["template"]["spec"]["containers"]
+        port = pool["spec"]["server"]["port"]
+        assert container["image"] == "headway:demo"
+        assert container["args"] == ["simulate", f"--listen=127.0.0.1:{port}"]
+    assert len(cluster.get("inferenceroutes", "-n", namespace)["items"]) == 2
+    assert len(cluster.get("tokenquotas", "-n", namespace)["items"]) == 3
