@@ -83,26 +83,16 @@ async def _main(duration: float, out: Path, processes: Processes) -> None:
     if stack.redis_url:
         demo_stack.check_redis(stack.redis_url)
     _print_plan(stack, duration)
+    started = time.monotonic()
     demo_stack.start_all(stack, processes)
-
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
-        started = time.monotonic()
-        await demo_stack.wait_ready(stack, processes, session)
-        print(f"ready in {time.monotonic() - started:.1f} s; sending traffic", flush=True)
-
-        traffic = Traffic()
-        loads: list[LoadSample] = []
-        driving = asyncio.create_task(demo_traffic.drive(stack, traffic, duration))
-        try:
-            await _watch(stack, processes, session, traffic, loads, driving)
-        finally:
-            if not driving.done():
-                driving.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await driving
-        driving.result()
-        metrics = await _settled_metrics(stack, session)
-        loads += await _sample(stack, session, traffic.now())
+    clients = demo_traffic.Clients(stack)  # imports the SDK while the children start
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+            await demo_stack.wait_ready(stack, processes, session)
+            print(f"ready in {time.monotonic() - started:.1f} s; sending traffic", flush=True)
+            traffic, loads, metrics = await _run(stack, processes, clients, session, duration)
+    finally:
+        await clients.aclose()
     usage = {"demo (clients)": demo_stack.own_usage(), **processes.usage()}
 
     report = demo_report.build(
@@ -113,6 +103,30 @@ async def _main(duration: float, out: Path, processes: Processes) -> None:
     classes = {name: tenant.default_class for name, tenant in stack.tenants.items()}
     demo_report.chart(traffic.records, loads, classes, out / "ttft.png")
     print("\n" + text, end="", flush=True)
+
+
+async def _run(
+    stack: Stack,
+    processes: Processes,
+    clients: demo_traffic.Clients,
+    session: aiohttp.ClientSession,
+    duration: float,
+) -> tuple[Traffic, list[LoadSample], list[Sample]]:
+    """The traffic, watched; then the sidecars' settled metrics and a last /load sample."""
+    traffic = Traffic()
+    loads: list[LoadSample] = []
+    driving = asyncio.create_task(demo_traffic.drive(stack, clients, traffic, duration))
+    try:
+        await _watch(stack, processes, session, traffic, loads, driving)
+    finally:
+        if not driving.done():
+            driving.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await driving
+    driving.result()
+    metrics = await _settled_metrics(stack, session)
+    loads += await _sample(stack, session, traffic.now())
+    return traffic, loads, metrics
 
 
 def _print_plan(stack: Stack, duration: float) -> None:

@@ -135,69 +135,12 @@ def build(
     duration: float,
     processes: Mapping[str, Mapping[str, float]],
 ) -> dict[str, Any]:
-    """report.json's content (see docs/demo.md for each field)."""
-    model_pool = {model: pool for pool in stack.pools.values() for model in pool.models}
-    cost_by_tenant = _sum_by(metrics, "headway_cost_total", "tenant")
-    demotions = _sum_by(metrics, "headway_demotions_total", "tenant")
-    limited = _sum_by(metrics, "headway_rate_limited_total", "tenant")
-
-    tenants: dict[str, Any] = {}
-    for name in sorted({r.tenant for r in records}):
-        mine = [r for r in records if r.tenant == name]
-        tokens: dict[str, dict[str, int]] = defaultdict(lambda: {"input": 0, "output": 0})
-        cost = Decimal(0)
-        for r in mine:
-            if not r.model:
-                continue
-            tokens[r.model]["input"] += r.input_tokens
-            tokens[r.model]["output"] += r.output_tokens
-            pricing = model_pool[r.model].pricing if r.model in model_pool else None
-            if pricing is not None:
-                cost += pricing.cost(r.input_tokens, r.output_tokens)
-        outcomes = Counter(r.outcome for r in mine)
-        ttfts = [r.ttft for r in mine if r.ttft is not None]
-        tenants[name] = {
-            "class": stack.tenants[name].default_class if name in stack.tenants else "",
-            "requests": len(mine),
-            "ok": outcomes["ok"],
-            "rate_limited": outcomes["rate_limited"],
-            "rate_limited_by_code": dict(Counter(r.code for r in mine if r.status == 429)),
-            "errors": outcomes["error"],
-            "cancelled": outcomes["cancelled"],
-            "input_tokens": sum(t["input"] for t in tokens.values()),
-            "output_tokens": sum(t["output"] for t in tokens.values()),
-            "tokens_by_model": dict(sorted(tokens.items())),
-            "cost": str(cost),
-            "ttft_p50_s": quantile(ttfts, 0.5),
-            "ttft_p95_s": quantile(ttfts, 0.95),
-            "sidecar": {
-                "cost": cost_by_tenant.get(name, 0.0),
-                "demotions": int(demotions.get(name, 0)),
-                "rate_limited": int(limited.get(name, 0)),
-                "rate_limited_by_limit": {
-                    s.labels["limit"]: int(s.value)
-                    for s in metrics
-                    if s.name == "headway_rate_limited_total" and s.labels.get("tenant") == name
-                },
-            },
-        }
-
-    classes = {
-        c: {
-            "streams": int(_histogram(metrics, TTFT, c).get(math.inf, 0)),
-            "ttft_p50_s": bucket_quantile(_histogram(metrics, TTFT, c), 0.5),
-            "ttft_p95_s": bucket_quantile(_histogram(metrics, TTFT, c), 0.95),
-            "tpot_p50_s": bucket_quantile(_histogram(metrics, TPOT, c), 0.5),
-            "queue_wait_p50_s": bucket_quantile(_histogram(metrics, WAIT, c), 0.5),
-            "queue_wait_p95_s": bucket_quantile(_histogram(metrics, WAIT, c), 0.95),
-        }
-        for c in CLASSES
-    }
+    """report.json's content (docs/demo.md says how to read it)."""
     return {
         "duration_s": duration,
         "limiter": {
             "redis": stack.redis_url,
-            # Any sidecar that lost Redis fell back to local limits at some point.
+            # Set on a sidecar that has lost Redis and applies local limits instead.
             "degraded": any(s.value > 0 for s in metrics if s.name == "headway_limiter_degraded"),
         },
         "pools": {
@@ -212,14 +155,75 @@ def build(
             }
             for pool in stack.pools.values()
         },
-        "tenants": tenants,
-        "classes": classes,
+        "tenants": {
+            name: _tenant(stack, name, [r for r in records if r.tenant == name], metrics)
+            for name in sorted({r.tenant for r in records})
+        },
+        "classes": {c: _class(metrics, c) for c in CLASSES},
         "processes": processes,
         "sources": {
             "tenants": "client side (OpenAI SDK): requests, 429s, usage tokens, exact TTFT; "
             "cost = usage tokens x the answering pool's prices; 'sidecar' from /metrics",
             "classes": "sidecars' histograms (/metrics), percentiles interpolated in buckets",
         },
+    }
+
+
+def _tenant(
+    stack: Stack, name: str, mine: Sequence[Record], metrics: Sequence[Sample]
+) -> dict[str, Any]:
+    """One tenant: the client's counts, tokens and costs, and the sidecars' view of it."""
+    pricing = {model: pool.pricing for pool in stack.pools.values() for model in pool.models}
+    tokens: dict[str, dict[str, int]] = defaultdict(lambda: {"input": 0, "output": 0})
+    cost = Decimal(0)
+    for r in mine:
+        if not r.model:
+            continue  # no answer, so no usage
+        tokens[r.model]["input"] += r.input_tokens
+        tokens[r.model]["output"] += r.output_tokens
+        price = pricing.get(r.model)
+        if price is not None:
+            cost += price.cost(r.input_tokens, r.output_tokens)
+
+    outcomes = Counter(r.outcome for r in mine)
+    ttfts = [r.ttft for r in mine if r.ttft is not None]
+    by_limit = {
+        s.labels["limit"]: int(s.value)
+        for s in metrics
+        if s.name == "headway_rate_limited_total" and s.labels.get("tenant") == name
+    }
+    return {
+        "class": stack.tenants[name].default_class if name in stack.tenants else "",
+        "requests": len(mine),
+        "ok": outcomes["ok"],
+        "rate_limited": outcomes["rate_limited"],
+        "rate_limited_by_code": dict(Counter(r.code for r in mine if r.status == 429)),
+        "errors": outcomes["error"],
+        "cancelled": outcomes["cancelled"],
+        "input_tokens": sum(t["input"] for t in tokens.values()),
+        "output_tokens": sum(t["output"] for t in tokens.values()),
+        "tokens_by_model": dict(sorted(tokens.items())),
+        "cost": str(cost),
+        "ttft_p50_s": quantile(ttfts, 0.5),
+        "ttft_p95_s": quantile(ttfts, 0.95),
+        "sidecar": {
+            "cost": _sum_by(metrics, "headway_cost_total", "tenant").get(name, 0.0),
+            "demotions": int(_sum_by(metrics, "headway_demotions_total", "tenant").get(name, 0)),
+            "rate_limited": sum(by_limit.values()),
+            "rate_limited_by_limit": by_limit,
+        },
+    }
+
+
+def _class(metrics: Sequence[Sample], priority: str) -> dict[str, Any]:
+    ttft, tpot, wait = (_histogram(metrics, name, priority) for name in (TTFT, TPOT, WAIT))
+    return {
+        "streams": int(ttft.get(math.inf, 0)),
+        "ttft_p50_s": bucket_quantile(ttft, 0.5),
+        "ttft_p95_s": bucket_quantile(ttft, 0.95),
+        "tpot_p50_s": bucket_quantile(tpot, 0.5),
+        "queue_wait_p50_s": bucket_quantile(wait, 0.5),
+        "queue_wait_p95_s": bucket_quantile(wait, 0.95),
     }
 
 

@@ -221,22 +221,11 @@ class Autoscaler:
 
     async def _loads(self, pool: ModelPool, pods: Pods) -> dict[str, scaling.Load | None]:
         """Each ready pod's ``/load`` by pod name; None where it could not be read."""
-        answers = await asyncio.gather(*(self._load(pool, ip) for _, ip in pods.ready))
+        port, within = self.settings.admin_port, self.settings.load_timeout
+        answers = await asyncio.gather(
+            *(read_load(self._session, ip, port, within) for _, ip in pods.ready)
+        )
         return {name: load for (name, _), load in zip(pods.ready, answers, strict=True)}
-
-    async def _load(self, pool: ModelPool, ip: str) -> scaling.Load | None:
-        host = f"[{ip}]" if ":" in ip else ip
-        url = f"http://{host}:{self.settings.admin_port}/load"
-        try:
-            timeout = aiohttp.ClientTimeout(total=self.settings.load_timeout)
-            async with self._session.get(url, timeout=timeout) as response:
-                if response.status != 200:
-                    raise scaling.LoadError(f"HTTP {response.status}")
-                return scaling.parse_load(json.loads(await response.read()))
-        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as e:
-            # LoadError is a ValueError, as is undecodable JSON.
-            logger.debug("ModelPool %s: GET %s: %s", pool.name, url, e)
-            return None
 
     def _signals(
         self,
@@ -387,6 +376,23 @@ class Autoscaler:
         state.placeholder = (digest, now)
 
 
+async def read_load(
+    session: aiohttp.ClientSession, ip: str, port: int, within: float
+) -> scaling.Load | None:
+    """One sidecar's ``GET /load`` within ``within`` seconds; None if unreachable or unreadable."""
+    host = f"[{ip}]" if ":" in ip else ip
+    url = f"http://{host}:{port}/load"
+    try:
+        async with session.get(url, timeout=aiohttp.ClientTimeout(total=within)) as response:
+            if response.status != 200:
+                raise scaling.LoadError(f"HTTP {response.status}")
+            return scaling.parse_load(json.loads(await response.read()))
+    except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as e:
+        # LoadError is a ValueError, as is a body that is not JSON.
+        logger.debug("GET %s: %s", url, e)
+        return None
+
+
 # -- pure parts -----------------------------------------------------------------------------
 
 
@@ -401,7 +407,7 @@ def placeholder_deployment(pool: ModelPool, uid: str, settings: Settings) -> dic
     CPU and memory requests) on the same nodes, at the chart's negative
     priority: it holds a provisioned node, and a real replica preempts it.
     """
-    if pool.node_pool.warm_replicas <= 1000:
+    if pool.node_pool.warm_replicas <= 0:
         return None
     template = pool.template or {}
     spec = template.get("spec") or {}

@@ -118,7 +118,10 @@ class Reconciler:
 
     async def _reconcile_safely(self, namespace: str) -> None:
         try:
+            started = asyncio.get_running_loop().time()
             await self.reconcile(namespace)
+            took = asyncio.get_running_loop().time() - started
+            logger.debug("namespace %s reconciled in %.3fs", namespace, took)
         except (ApiError, aiohttp.ClientError, TimeoutError) as e:
             logger.warning("namespace %s: %s; retrying in %.0fs", namespace, e, self._delay)
             asyncio.get_running_loop().call_later(self._delay, self.mark, namespace)
@@ -346,7 +349,9 @@ class Reconciler:
         if child is None or child.owner_uid != uid:
             await self._absent(snap, resource, name, uid)
         applied = await self._api.apply(resource, snap.namespace, body)
-        self._applied[key] = (digest, str(applied.get("metadata", {}).get("resourceVersion")))
+        version = str(applied.get("metadata", {}).get("resourceVersion"))
+        logger.debug("applied %s %s/%s: resourceVersion %s", kind, snap.namespace, name, version)
+        self._applied[key] = (digest, version)
 
     async def _push(
         self, snap: Snapshot, pool: str, outcome: _PoolResult, text: str, token: str

@@ -94,6 +94,8 @@ class RateLimited(HeadwayError):
     status = 429
     type = "rate_limit_error"
     code = "rate_limit_exceeded"
+    # Which limit refused (tokens_per_minute, ...): a bounded metric label.
+    limit = "unknown"
 
 
 class NeverFits(RateLimited):

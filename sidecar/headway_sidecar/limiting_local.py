@@ -146,7 +146,7 @@ class Verdict:
     outcome: int
     limit: int  # the binding limit code when refused, demoted or never fits, else 0
     quota: int  # index of the quota that binds, when `limit` is set
-    wait_ms: int  # until the request would fit; 0 when admitted or never fits
+    wait_ms: int  # until it would fit (undemoted, if demoted); 0 if admitted or never fits
     now_ms: int
     day_id: int  # YYYYMMDD (UTC)
     month_id: int  # YYYYMM (UTC)

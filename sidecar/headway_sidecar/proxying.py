@@ -6,6 +6,8 @@ reserve quota, queue, dispatch with fallbacks, relay, settle, record. Each step
 is a small function beside it. A request forwarded here by another pool's
 sidecar is served from the local queue only; the forwarding sidecar keeps the
 tenant's accounting (requests, tokens, cost), this one the pool's (queue wait, TTFT).
+Where an attempt goes is a :class:`Target`, built by :func:`resolve_target`
+alone, so a new kind of upstream leaves the queue and the limiter as they are.
 """
 
 from __future__ import annotations
@@ -842,11 +844,9 @@ async def _answer_late(call: Call, answer: web.Response) -> web.StreamResponse:
     """An error answer as it is, or as an error event if the stream has begun."""
     if call.client is None:
         return answer
-    error = _status_error(answer)
-    with contextlib.suppress(ValueError, TypeError, KeyError, AttributeError):
-        detail = json.loads(answer.body)["error"]  # type: ignore[arg-type]
-        error.message = str(detail.get("message") or error.message)
-    await call.client.fail(error)
+    # The status line went out with the first keep-alive comment.
+    call.exchange.status = 200
+    await call.client.fail(streaming.upstream_error(answer.status, answer.body))
     return call.client.response
 
 

@@ -8,11 +8,15 @@ they run here against the same API server (kind and Docker cannot).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
 import shutil
+import signal
 import subprocess
+import sys
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +25,10 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.fixtures.kube import ControlPlane
+from tests.fixtures.kube import ControlPlane, free_port, write_kubeconfig
 from tests.helm import charting
 from tests.helm.charting import CHART, REPO, Helm
+from tests.operator import operating
 
 pytestmark = pytest.mark.cluster
 
@@ -208,3 +213,112 @@ def test_make_kind_demo_swaps_every_pool_server_for_the_simulator(
         assert container["args"] == ["simulate", f"--listen=127.0.0.1:{port}"]
     assert len(cluster.get("inferenceroutes", "-n", namespace)["items"]) == 2
     assert len(cluster.get("tokenquotas", "-n", namespace)["items"]) == 3
+
+
+# --- the installed operator's arguments, run locally with its ServiceAccount ----
+
+
+@contextlib.contextmanager
+def _chart_operator(
+    cluster: ControlPlane, release: Release, workdir: Path
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """`headway` with the installed Deployment's own arguments and the chart's token.
+
+    Only the liveness address changes: the pod's 0.0.0.0 becomes a free
+    loopback port. Yields the process and its liveness URL.
+    """
+    selector = f"app.kubernetes.io/instance={release.name},app.kubernetes.io/component=operator"
+    (deployment,) = cluster.get("deployments", "-n", release.namespace, "-l", selector)["items"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    liveness = f"http://127.0.0.1:{free_port()}/healthz"
+    args = [
+        f"--liveness={liveness}" if arg.startswith("--liveness=") else arg
+        for arg in container["args"] if not arg.startswith("--placeholder-priority-class")
+    ]
+    account = deployment["spec"]["template"]["spec"]["serviceAccountName"]
+    kubeconfig = workdir / "operator-kubeconfig"
+    token = cluster.token_for_service_account(release.namespace, account)
+    write_kubeconfig(kubeconfig, cluster.url, cluster.ca_file, token)
+    log = workdir / "operator.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [str(Path(sys.executable).with_name("headway")), *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "KUBECONFIG": str(kubeconfig)},
+            start_new_session=True,
+        )
+    try:
+        yield process, liveness
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def _alive(process: subprocess.Popen[bytes], log: Path) -> None:
+    if process.poll() is not None:
+        raise AssertionError(f"the operator exited ({process.returncode}):\n{log.read_text()}")
+
+
+def _exists(cluster: ControlPlane, kind: str, name: str, namespace: str) -> bool:
+    return cluster.kubectl("get", kind, name, "-n", namespace, check=False).returncode == 0
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+def test_chart_operator_reconciles_examples(
+    cluster: ControlPlane, release: Release, helm: Helm, tmp_path: Path
+) -> None:
+    namespace = f"hw-examples-{secrets.token_hex(3)}"
+    cluster.create_namespace(namespace)
+    chart = helm.render({"redis": {"enabled": True}}, release=release.name, namespace="x")
+    (policy,) = [o for o in chart if o["kind"] == "NetworkPolicy" and "model-pools" in str(o)]
+    (priority_class,) = [o for o in chart if o["kind"] == "PriorityClass"]
+    log = tmp_path / "operator.log"
+
+    with _chart_operator(cluster, release, tmp_path) as (process, liveness):
+        cluster.wait_for(lambda: _alive(process, log) or _healthy(liveness), "kopf liveness")
+        cluster.apply(operating.examples(namespace))
+
+        def converged() -> bool:
+            _alive(process, log)
+            pools = cluster.get("modelpools", "-n", namespace)["items"]
+            routes = cluster.get("inferenceroutes", "-n", namespace)["items"]
+            quotas = cluster.get("tokenquotas", "-n", namespace)["items"]
+            return (
+                all(p.get("status", {}).get("config", {}).get("version") for p in pools)
+                and all(_condition(r, "ResolvedRefs") == "True" for r in routes)
+                and all(_condition(q, "Ready") == "True" for q in quotas)
+                and _exists(cluster, "deployment", "llama-8b-warm", namespace)
+            )
+
+        cluster.wait_for(converged, "examples reconciled by the chart's operator")
+
+    # The pool pods carry what the chart's NetworkPolicy and PodMonitor select,
+    # and serve on the ports they open; the sidecar is the chart's image.
+    (expression,) = policy["spec"]["podSelector"]["matchExpressions"]
+    public_port, admin_port = (rule["ports"][0]["port"] for rule in policy["spec"]["ingress"])
+    for pool in ("llama-8b", "llama-70b"):
+        deployment = cluster.get("deployment", pool, "-n", namespace)
+        template = deployment["spec"]["template"]
+        assert expression == {"key": "headway.dev/pool", "operator": "Exists"}
+        assert template["metadata"]["labels"]["headway.dev/pool"] == pool
+        sidecar = template["spec"]["containers"][-1]
+        assert sidecar["image"] == "headway:0.1.0"
+        ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
+        assert ports == {"http": public_port, "admin": admin_port}
+    # Warm placeholders (llama-8b asks for one) run at the chart's PriorityClass.
+    warm = cluster.get("deployment", "llama-8b-warm", "-n", namespace)
+    placeholder = warm["spec"]["template"]
+    assert placeholder["spec"]["priorityClassName"] == priority_class["metadata"]["name"]
+    assert "headway.dev/pool" not in placeholder["metadata"]["labels"]

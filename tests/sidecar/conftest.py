@@ -255,7 +255,8 @@ async def spawn(args: list[str], ready: re.Pattern[str], within: float = 30.0) -
                 if match:
                     break
     except BaseException:
-        process.kill()
+        if process.returncode is None:
+            process.kill()
         await process.wait()
         raise
 

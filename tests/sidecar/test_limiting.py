@@ -289,7 +289,7 @@ async def test_in_memory_limits_hold_this_replicas_share() -> None:
     # ceil(100 / 3) = 34 tokens and ceil(2 / 3) = 1 request on this replica.
     await reserve(limiter, team, tokens=34)
     with pytest.raises(errors.RateLimited) as refused:
-        await reserve(limiter, team, tokens=1)
+        await reserve(limiter, team, tokens=5)
     assert refused.value.headers()["x-ratelimit-limit-tokens"] == "34"
 
     limiter.reconfigure(LimiterSettings(redis=None), 1)

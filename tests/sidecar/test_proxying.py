@@ -284,3 +284,21 @@ async def test_first_token_timeout_frees_the_slot_and_the_model_server(
     assert running.gateway.scheduler.inflight("realtime") == 0
     await eventually(lambda: sim.stats()["cancelled"] == 1 and sim.stats()["in_flight"] == 0)
     assert sim.stats()["completed"] == 0, "answered before the stall ended"
+
+
+async def test_upstream_error_after_keepalives_is_a_terminal_error_event(
+    sim: Sim, start_sidecar: Start
+) -> None:
+    running = await start_sidecar(_one_slot()(document(sim.port)), settings=_settings(0.1))
+    url = f"{running.url}/v1/chat/completions"
+    async with aiohttp.ClientSession() as http:
+        holder = asyncio.create_task(_post(http, url, CHAT, {**AUTH, "x-sim-ttft": "0.5"}))
+        await eventually(lambda: running.gateway.scheduler.inflight("realtime") == 1)
+        status, _, raw = await _post(http, url, STREAM, {**AUTH, "x-sim-fault": "error:400"})
+        assert (await holder)[0] == 200
+    assert status == 200 and raw.startswith(b": queued")
+    events = [json.loads(e[6:]) for e in raw.split(b"\n\n") if e.startswith(b"data: {")]
+    assert len(events) == 1 and events[0]["error"]["type"] == "invalid_request_error"
+    assert b"[DONE]" not in raw
+    labels = {"route": "chat", "tenant": "team-a", "priority": "realtime"}
+    assert metric(running, "headway_requests_total", outcome="upstream_error", **labels) == 1
