@@ -3,7 +3,9 @@
 For each load (plain requests through wrk, then concurrent streams) it starts
 the simulator and one Headway arm, samples the sidecar with py-spy while the
 load runs, and prints the functions with the most samples: own time (the
-frame on top of the stack) and inclusive time (anywhere on the stack). The
+frame on top of the stack) and inclusive time (anywhere on the stack; a
+resumed coroutine's stack starts at the coroutine, so read inclusive shares
+of the event loop's frames as a lower bound). The
 tables are written to ``--out`` as ``profile-<arm>-<load>.txt``.
 """
 

@@ -51,16 +51,24 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b and not math.isnan(a) and not math.isnan(b) else math.nan
 
 
-def summarise(rows: list[Row], arms: tuple[str, ...]) -> Row:
+def summarise(rows: list[Row], arms: tuple[str, ...], stream_seconds: float) -> Row:
+    """Medians, budgets and targets; ``stream_seconds`` is how long one stream lasts."""
     m = medians(rows)
     summary: Row = {"medians": m}
     sweep, streaming, overload = m.get("sweep", {}), m.get("streaming", {}), m.get("overload", {})
+
+    # Concurrent streams one core could carry at the CPU each stream cost: the
+    # measure that the load core (saturated first at 1,024 streams) cannot cap.
+    for levels in streaming.values():
+        for cell in levels.values():
+            cpu = cell["cpu_us_per_request"] / 1e6
+            cell["streams_per_core"] = stream_seconds / cpu if cpu > 0 else math.nan
 
     # Requests per second per core at each p99 budget: the best sweep level within it.
     budgets: Row = {}
     for arm, levels in sweep.items():
         for budget in BUDGETS_MS:
-            inside = [c for c in levels.values() if c.get("p99_ms", math.inf) <= budget]
+            inside = [c for c in levels.values() if c["ok"] > 0 and c["p99_ms"] <= budget]
             best = max(inside, key=lambda c: c["rps"], default=None)
             budgets.setdefault(arm, {})[f"{budget:g}ms"] = (
                 {"rps": best["rps"], "rps_per_core": best["rps_per_core"]} if best else None
@@ -89,6 +97,10 @@ def summarise(rows: list[Row], arms: tuple[str, ...]) -> Row:
             targets.append(
                 _target(f"{arm}: stalled streams at 1,024", streams["stalled_streams"], "", "<=", 0)
             )
+        carried = [c["streams_per_core"] for c in streaming.get(arm, {}).values()]
+        if carried:
+            best = max(carried)
+            targets.append(_target(f"{arm}: streams one core carries", best, "", ">=", 1000))
         memory = [
             c.get("peak_rss_mib", math.nan) for c in m.get("memory", {}).get(arm, {}).values()
         ]
@@ -160,6 +172,28 @@ def write(out: Path, rows: list[Row], summary: Row, info: Row) -> None:
     )
 
 
+def read_rows(out: Path) -> list[Row]:
+    """The rows of an earlier run back from its CSV files (to summarise again)."""
+    rows: list[Row] = []
+    for path in sorted(out.glob("*.csv")):
+        with path.open(newline="") as f:
+            for raw in csv.DictReader(f):
+                row: Row = {}
+                for key, text in raw.items():
+                    if text == "" or text is None:
+                        continue
+                    try:
+                        row[key] = float(text) if key not in ("round", "level") else text
+                    except ValueError:
+                        row[key] = text
+                if "round" in row:
+                    row["round"] = int(row["round"])
+                if row.get("sent") and _number(row.get("proxy_cpu_s")):
+                    row["cpu_us_per_request"] = row["proxy_cpu_s"] / row["sent"] * 1e6
+                rows.append(row)
+    return rows
+
+
 def _fmt(value: Any) -> Any:
     if isinstance(value, float):
         return "" if math.isnan(value) else f"{value:.4g}"
@@ -227,8 +261,9 @@ def tables(summary: Row, info: Row) -> str:
         lines += [
             "",
             "| arm | streams | TTFT p50 ms | TTFT p99 ms | added TTFT p99 ms | stalled streams |"
-            " streams counted | longest gap ms | proxy cores | peak RSS MiB |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            " streams counted | longest gap ms | proxy cores | CPU µs/stream |"
+            " streams per core | peak RSS MiB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for arm in _arms(streaming):
             for level, c in sorted(streaming[arm].items(), key=lambda kv: int(kv[0])):
@@ -236,6 +271,7 @@ def tables(summary: Row, info: Row) -> str:
                     f"| {arm} | {level} | {_f(c['ttft_p50_ms'])} | {_f(c['ttft_p99_ms'])} |"
                     f" {_f(c.get('added_ttft_p99_ms'))} | {_f(c['stalled_streams'])} |"
                     f" {_f(c['ok'])} | {_f(c['longest_gap_ms'])} | {_f(c['proxy_cores'], 2)} |"
+                    f" {_f(c['cpu_us_per_request'])} | {_f(c['streams_per_core'], 4)} |"
                     f" {_f(c.get('peak_rss_mib'))} |"
                 )
     overload = m.get("overload", {})
@@ -306,36 +342,64 @@ def plot(summary: Row, folder: Path) -> list[Path]:
 
     sweep = m.get("sweep", {})
     if sweep:
-        fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=80)
+        fig, axes = plt.subplots(1, 3, figsize=(11, 3.4), dpi=80)
         for arm in _arms(sweep):
-            levels = sorted(sweep[arm].items(), key=lambda kv: int(kv[0]))
-            x = [int(k) for k, _ in levels]
-            left.plot(x, [c["rps"] for _, c in levels], marker="o", label=arm)
-            right.plot(x, [c["p99_ms"] for _, c in levels], marker="o", label=arm)
-        for ax, title in ((left, "requests/s"), (right, "p99 latency, ms")):
+            levels = [(int(k), c) for k, c in sweep[arm].items() if c["ok"] > 0]
+            levels.sort(key=lambda kv: kv[0])
+            x = [k for k, _ in levels]
+            axes[0].plot(
+                x,
+                [c["rps"] for _, c in levels],
+                marker="o",
+                label=arm,
+                color=f"C{ORDER.index(arm)}",
+            )
+            axes[1].plot(
+                x,
+                [c["p99_ms"] for _, c in levels],
+                marker="o",
+                label=arm,
+                color=f"C{ORDER.index(arm)}",
+            )
+        _per_arm_bars(axes[2], sweep, "cpu_us_per_request", "CPU µs per request (median of levels)")
+        for ax, title in ((axes[0], "requests/s"), (axes[1], "p99 latency, ms")):
             ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
             ax.set_xlabel("concurrency")
             ax.set_title(title)
             ax.grid(alpha=0.3)
-        right.set_yscale("log")
-        left.legend(fontsize=7)
+        axes[0].legend(fontsize=7)
         written.append(_save(fig, folder / "bench-sweep.png"))
 
     streaming = m.get("streaming", {})
     if streaming:
-        fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=80)
+        fig, axes = plt.subplots(1, 3, figsize=(11, 3.4), dpi=80)
         for arm in _arms(streaming):
             levels = sorted(streaming[arm].items(), key=lambda kv: int(kv[0]))
             x = [int(k) for k, _ in levels]
-            left.plot(x, [c["ttft_p99_ms"] for _, c in levels], marker="o", label=arm)
-            right.plot(x, [100 * c["stalled_share"] for _, c in levels], marker="o", label=arm)
-        left.set_title("TTFT p99, ms (simulator TTFT 200 ms)")
-        right.set_title("stalled streams, % (gap > 5 x TPOT)")
-        for ax in (left, right):
+            axes[0].plot(
+                x,
+                [c["ttft_p99_ms"] for _, c in levels],
+                marker="o",
+                label=arm,
+                color=f"C{ORDER.index(arm)}",
+            )
+            axes[1].plot(
+                x,
+                [100 * c["stalled_share"] for _, c in levels],
+                marker="o",
+                label=arm,
+                color=f"C{ORDER.index(arm)}",
+            )
+        _per_arm_bars(axes[2], streaming, "cpu_us_per_request", "CPU µs per stream (64 tokens)")
+        axes[0].set_title("TTFT p99, ms (simulator: 200 ms)")
+        axes[0].set_yscale("log")
+        axes[1].set_title("stalled streams, % (gap > 5 x TPOT)")
+        for ax in axes[:2]:
             ax.set_xscale("log", base=2)
             ax.set_xlabel("concurrent streams")
             ax.grid(alpha=0.3)
-        left.legend(fontsize=7)
+        axes[0].legend(fontsize=7)
         written.append(_save(fig, folder / "bench-streaming.png"))
 
     overload = m.get("overload", {})
@@ -353,6 +417,17 @@ def plot(summary: Row, folder: Path) -> list[Path]:
         ax.grid(alpha=0.3, axis="x")
         written.append(_save(fig, folder / "bench-overload.png"))
     return written
+
+
+def _per_arm_bars(ax: Any, cells: dict[str, Any], key: str, title: str) -> None:
+    """One bar per arm: the median over load levels of ``key`` (log scale)."""
+    names = _arms(cells)
+    values = [_median([float(c[key]) for c in cells[a].values()]) for a in names]
+    ax.bar(names, values, color=[f"C{ORDER.index(a)}" for a in names])
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.tick_params(axis="x", labelrotation=30, labelsize=7)
+    ax.grid(alpha=0.3, axis="y")
 
 
 def _save(fig: Any, path: Path) -> Path:

@@ -129,7 +129,8 @@ def _measure(
     result = run()
     cpu = procs.cpu_seconds(endpoint.process.pid) - cpu_before
     wall = time.perf_counter() - wall_before
-    served = result.get("ok") or result.get("streams") or 0
+    # Requests the arm handled: wrk's answered ones, or every stream the client sent.
+    served = result.get("sent") or result.get("ok") or 0
     result["proxy_cpu_s"] = cpu
     result["proxy_cores"] = cpu / wall
     result["cpu_us_per_request"] = cpu / served * 1e6 if served else math.nan
@@ -524,6 +525,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--setup-only", action="store_true", help="install what the arms need")
     parser.add_argument("--keep", type=Path, help="keep configs and logs in this folder")
+    parser.add_argument(
+        "--summarise-only", action="store_true", help="rebuild summary, plots, tables from --out"
+    )
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        action="append",
+        default=[],
+        help="with --summarise-only: add the rounds of another run's results folder",
+    )
     return parser
 
 
@@ -548,6 +559,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = Plan.from_args(args)
     if "direct" not in plan.arms:
         plan = Plan(**{**plan.__dict__, "arms": ("direct", *plan.arms)})
+    if args.summarise_only:
+        info = json.loads((args.out / "summary.json").read_text())["machine"]
+        rows = report.read_rows(args.out)
+        for folder in args.merge:
+            # Later runs' rounds follow the earlier ones', so medians span all of them.
+            offset = 1 + max((int(r["round"]) for r in rows), default=-1)
+            rows += [{**r, "round": int(r["round"]) + offset} for r in report.read_rows(folder)]
+        return _publish(args, rows, plan, info)
     everything = args.setup_only
     needed = {
         "nginx": everything or "nginx" in plan.arms,
@@ -580,8 +599,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "overload" in plan.scenarios:
             rows += run_overload(ctx, plan)
 
-    info = {**machine(), "plan": {**plan.__dict__}}
-    summary = report.summarise(rows, plan.arms)
+    return _publish(args, rows, plan, {**machine(), "plan": {**plan.__dict__}})
+
+
+def _publish(args: argparse.Namespace, rows: list[Row], plan: Plan, info: Row) -> int:
+    one_stream = STREAM.ttft + (STREAM.output_tokens - 1) * STREAM.tpot
+    arms_seen = tuple(dict.fromkeys(str(r["arm"]) for r in rows))
+    summary = report.summarise(rows, arms_seen, one_stream)
     report.write(args.out, rows, summary, info)
     if not args.no_plots:
         report.plot(summary, args.plots)

@@ -152,6 +152,7 @@ def build(
                 "output_tokens": pool.gpu.output_tokens,
                 "pricing": _pricing(pool.pricing),
                 "peak_queue": _peak_queue(loads, pool.name),
+                "after_traffic": _after(loads, pool.name),
             }
             for pool in stack.pools.values()
         },
@@ -243,6 +244,14 @@ def _peak_queue(loads: Sequence[LoadSample], pool: str) -> dict[str, int]:
     }
 
 
+def _after(loads: Sequence[LoadSample], pool: str) -> dict[str, int] | None:
+    """Slots held and requests waiting at the last sample: anything left is a leak."""
+    last = max((s for s in loads if s.pool == pool), key=lambda s: s.at, default=None)
+    if last is None:
+        return None
+    return {"in_flight": sum(last.inflight.values()), "waiting": sum(last.depth.values())}
+
+
 def costs_match(tenant: Mapping[str, Any]) -> bool:
     """Whether the client's cost and the sidecars' headway_cost_total agree (float sums)."""
     ours, theirs = float(Decimal(tenant["cost"])), float(tenant["sidecar"]["cost"])
@@ -257,11 +266,24 @@ def _ms(seconds: float | None) -> str:
 
 
 def render_text(report: Mapping[str, Any], out: Path) -> str:
+    """The report as printed and written to report.txt: one section per paragraph."""
     limiter = report["limiter"]
     where = f"Redis at {limiter['redis']}" if limiter["redis"] else "in memory"
     degraded = " (degraded to local limits at the end)" if limiter["degraded"] else ""
-    lines = [f"Headway demo: {report['duration_s']:g} s of traffic; limits {where}{degraded}", ""]
-    lines.append("Pools (simulated GPUs, one replica each)")
+    lines = [f"Headway demo: {report['duration_s']:g} s of traffic; limits {where}{degraded}"]
+    for section in (_pools_text, _tenants_text, _classes_text, _processes_text, _summary):
+        lines += ["", *section(report)]
+    files = ", ".join(str(out / n) for n in ("report.txt", "report.json", "ttft.png"))
+    lines += [
+        "",
+        "Costs are usage tokens x the answering pool's prices (client side); 'sidecar' says",
+        f"whether the sidecars' headway_cost_total agrees. Written: {files}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _pools_text(report: Mapping[str, Any]) -> list[str]:
+    lines = ["Pools (simulated GPUs, one replica each)"]
     for name, pool in report["pools"].items():
         price = pool["pricing"]
         priced = (
@@ -275,12 +297,15 @@ def render_text(report: Mapping[str, Any], out: Path) -> str:
             f"TPOT {_ms(pool['simulated_tpot_s'])}, {priced}; peak queue "
             f"realtime {pool['peak_queue']['realtime']}, batch {pool['peak_queue']['batch']}"
         )
+    return lines
 
-    lines += ["", "Tenants (client side; demoted and sidecar cost from the sidecars' /metrics)"]
-    lines.append(
+
+def _tenants_text(report: Mapping[str, Any]) -> list[str]:
+    lines = [
+        "Tenants (client side; demoted and sidecar cost from the sidecars' /metrics)",
         f"  {'tenant':<12} {'class':<9} {'requests':>8} {'ok':>5} {'429':>4} {'demoted':>7} "
-        f"{'in tok':>8} {'out tok':>8} {'cost':>10} {'sidecar':>10} {'TTFT p50':>9} {'p95':>8}"
-    )
+        f"{'in tok':>8} {'out tok':>8} {'cost':>10} {'sidecar':>10} {'TTFT p50':>9} {'p95':>8}",
+    ]
     for name, t in report["tenants"].items():
         cost = float(Decimal(t["cost"]))
         # Float sums differ in the last digit shown; say whether they agree instead.
@@ -297,39 +322,36 @@ def render_text(report: Mapping[str, Any], out: Path) -> str:
             lines.append(f"  {'':<12} 429s by limit (sidecars): {limits}")
         if t["errors"] or t["cancelled"]:
             lines.append(f"  {'':<12} errors {t['errors']}, cancelled {t['cancelled']}")
+    return lines
 
-    lines += [
-        "",
+
+def _classes_text(report: Mapping[str, Any]) -> list[str]:
+    lines = [
         "Classes (sidecars' histograms, interpolated within buckets; TTFT includes the wait)",
-    ]
-    lines.append(
         f"  {'class':<9} {'streams':>7} {'TTFT p50':>9} {'p95':>8} {'TPOT p50':>9} "
-        f"{'wait p50':>9} {'p95':>8}"
-    )
+        f"{'wait p50':>9} {'p95':>8}",
+    ]
     for name, c in report["classes"].items():
         lines.append(
             f"  {name:<9} {c['streams']:>7} {_ms(c['ttft_p50_s']):>9} {_ms(c['ttft_p95_s']):>8} "
             f"{_ms(c['tpot_p50_s']):>9} {_ms(c['queue_wait_p50_s']):>9} "
             f"{_ms(c['queue_wait_p95_s']):>8}"
         )
-    lines += ["", "Processes (peak RSS, CPU time)"]
+    return lines
+
+
+def _processes_text(report: Mapping[str, Any]) -> list[str]:
+    lines = ["Processes (peak RSS, CPU time)"]
     for name, used in report["processes"].items():
         lines.append(f"  {name:<20} {used['peak_rss_mib']:>7.1f} MiB {used['cpu_s']:>7.1f} s")
     total = sum(used["peak_rss_mib"] for used in report["processes"].values())
     lines.append(f"  {'all (sum of peaks)':<20} {total:>7.1f} MiB")
-    lines += ["", "In short", *_summary(report)]
-    lines += [
-        "",
-        "Costs are usage tokens x the answering pool's prices (client side); 'sidecar' says",
-        "whether the sidecars' headway_cost_total agrees. Written: "
-        + ", ".join(str(out / n) for n in ("report.txt", "report.json", "ttft.png")),
-    ]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _summary(report: Mapping[str, Any]) -> list[str]:
     """The design's promises, each checked against this run's numbers."""
-    lines = []
+    lines = ["In short"]
     realtime, batch = report["classes"]["realtime"], report["classes"]["batch"]
     fast, slow = realtime["ttft_p95_s"], batch["ttft_p95_s"]
     if fast and slow:
@@ -343,6 +365,17 @@ def _summary(report: Mapping[str, Any]) -> list[str]:
         if t["rate_limited"] or t["sidecar"]["demotions"]
     ]
     lines.append("  limited: " + (", ".join(limited) if limited else "no tenant"))
+    busy = []
+    for name, pool in report["pools"].items():
+        after = pool["after_traffic"]
+        if after is None:
+            busy.append(f"{name} (no /load sample)")
+        elif after["in_flight"] or after["waiting"]:
+            busy.append(f"{name} ({after['in_flight']} in flight, {after['waiting']} waiting)")
+    lines.append(
+        "  afterwards: "
+        + (f"not idle: {', '.join(busy)}" if busy else "every pool idle, no slot left held")
+    )
     differ = [name for name, t in report["tenants"].items() if not costs_match(t)]
     lines.append(
         "  costs: the sidecars' headway_cost_total "

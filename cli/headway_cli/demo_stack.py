@@ -292,9 +292,6 @@ class Processes:
             except subprocess.TimeoutExpired:
                 _signal_group(child.process, signal.SIGKILL)
                 child.process.wait()
-        # NB: a child's own children may outlive it in its group; SIGKILL the group.
-        for child in self.children:
-            _signal_group(child.process, signal.SIGKILL)
 
 
 def process_usage(pid: int) -> dict[str, float] | None:
@@ -323,8 +320,10 @@ def own_usage() -> dict[str, float]:
 
 
 def _signal_group(process: subprocess.Popen[bytes], signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signum)
+    # NB: only while unreaped: a reaped child's PID, its group's id, may be reused.
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signum)
 
 
 def tail(path: Path, lines: int = 15) -> str:

@@ -15,8 +15,9 @@ from headway_contract import parse_duration
 
 
 def _duration(text: str) -> float:
+    """A duration like ``500ms`` or ``2m``; a bare number is seconds (``DEMO_DURATION=20``)."""
     try:
-        return parse_duration(text)
+        return float(text) if text.strip().replace(".", "", 1).isdigit() else parse_duration(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     scope = p.add_mutually_exclusive_group()
     scope.add_argument("--namespace", action="append", dest="namespaces", default=[])
     scope.add_argument("--all-namespaces", action="store_true")
-    p.add_argument("kopf_args", nargs=argparse.REMAINDER, help="passed to kopf run")
+    p.epilog = "Other options are the operator's own: see `headway operator -- --help`."
 
     p = commands.add_parser("demo", help="the whole data plane on this machine, with traffic")
     p.add_argument("--duration", type=_duration, default=60.0, help="traffic time (60s)")
@@ -70,7 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # The operator's own options (peering, timeouts...) are parsed by the
+    # operator package, which loads kopf only when that command runs.
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "operator":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -112,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return operator_cli.run_operator(
             namespaces=args.namespaces,
             all_namespaces=args.all_namespaces,
-            kopf_args=args.kopf_args,
+            kopf_args=extra,
         )
     if args.command == "demo":
         from headway_cli import demo

@@ -354,7 +354,9 @@ def _pool_ref(r: _Reader) -> PoolRef:
 
 def _backend(r: _Reader) -> Backend:
     return Backend(
-        pool=r.text("pool"), weight=r.integer("weight", default=1), model=r.text("model", default=None)
+        pool=r.text("pool"),
+        weight=r.integer("weight", default=1),
+        model=r.text("model", default=None),
     )
 
 

@@ -9,17 +9,17 @@ CapacityPending) and posts an Event for each change. It also keeps the pool's
 warm placeholder Deployment. One task rather than a kopf timer per pool, which
 would add finalizers (design section 6).
 
-The operator's startup handler starts it once::
+The operator's startup handler (handlers.py) starts it once::
 
-    stop = asyncio.Event()
+    pools = lambda: [entry for store in modelpools_index.values() for entry in store]
     task = asyncio.create_task(
-        autoscaling.run(api, lambda: [e for ns in namespaces() for e in snapshot(ns).pools],
-                        stop=stop)
+        autoscaling.run(api, pools, stop=stop, session=session, settings=settings)
     )
-    # on cleanup: stop.set(); await task
+    # on cleanup: stop.set(), and the task ends after its current pass
 
 ``api`` is the operator's :class:`kubeapi.Client`; ``pools`` returns the
-current ModelPool entries (kopf indexes, read anew each pass). The status is
+current ModelPool entries (the kopf index, read anew each pass); ``session``
+is the process's aiohttp session (one of its own if None). The status is
 written with server-side apply under its own field manager, so the
 reconcile's status applies and this task's never remove each other's fields.
 :meth:`Autoscaler.pool` is the orchestrator of one pool's pass.
@@ -96,14 +96,26 @@ async def run(
     stop: asyncio.Event,
     settings: Settings = Settings(),
     session: aiohttp.ClientSession | None = None,
+    active: Callable[[], bool] | None = None,
 ) -> None:
-    """Scale every pool each ``settings.interval`` until ``stop`` is set; never raises."""
+    """Scale every pool each ``settings.interval`` until ``stop`` is set; never raises.
+
+    ``active`` says whether this operator may act; a standby paused by its
+    peer passes False and the autoscaler then only waits.
+    """
     own = session is None
     http = session or aiohttp.ClientSession()
     autoscaler = Autoscaler(api, http, settings)
     try:
         while not stop.is_set():
-            await autoscaler.pass_over(list(pools()))
+            if active is not None and not active():
+                # What it remembered is stale by the time it takes over.
+                autoscaler.forget()
+            else:
+                try:
+                    await autoscaler.pass_over(list(pools()))
+                except Exception:  # the next pass tries again; the task must not end
+                    logger.exception("autoscaling pass failed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), settings.interval)
     finally:
@@ -112,6 +124,8 @@ async def run(
 
 
 class Autoscaler:
+    """The passes over the pools, and what each pool's passes remember."""
+
     def __init__(
         self,
         api: kubeapi.Client,
@@ -124,6 +138,10 @@ class Autoscaler:
         self.settings = settings
         self._clock = clock
         self._states: dict[str, PoolState] = {}  # by the pool's uid
+
+    def forget(self) -> None:
+        """Drop every pool's memory: the next pass starts as after a restart."""
+        self._states.clear()
 
     async def pass_over(self, entries: Sequence[Entry]) -> None:
         """One pass over every pool; a pool that fails is retried on the next pass."""
@@ -162,22 +180,22 @@ class Autoscaler:
         current, selector = scale
         pods = await self._pods(pool.namespace, selector)
         loads = await self._loads(pool, pods)
-        signals = self._signals(state, pods, loads, now)
+        signals = self._signals(state, loads, now)
 
         # Decide; in external mode the HPA or KEDA decided, and we only report.
         decision: scaling.Decision | None = None
         desired = current
+        p95, _ = scaling.realtime_p95(signals, state.history, now)
         if pool.scaling.mode == "operator":
-            decision, state.history = scaling.decide(
-                pool.scaling, signals, current, state.history, now
-            )
+            decision, history = scaling.decide(pool.scaling, signals, current, state.history, now)
             desired = decision.replicas
             if desired != current:
                 await self._write_scale(pool, desired)
                 state.last_scale_time = statuses.now()
                 await self._event(pool, entry.uid, "Normal", decision.reason, decision.message)
                 logger.info("ModelPool %s/%s: %s", pool.namespace, pool.name, decision.message)
-        p95, _ = scaling.realtime_p95(signals, state.history, now)
+            # Only now: a scale that failed to write is decided again next pass.
+            state.history = history
 
         await self._status(entry, pool, state, signals, desired, p95, decision, pods)
 
@@ -225,15 +243,19 @@ class Autoscaler:
         answers = await asyncio.gather(
             *(read_load(self._session, ip, port, within) for _, ip in pods.ready)
         )
-        return {name: load for (name, _), load in zip(pods.ready, answers, strict=True)}
+        loads = dict(zip((name for name, _ in pods.ready), answers, strict=True))
+        for name, load in loads.items():
+            # An IP handed to another pod since the list (or another cluster's
+            # sidecar on a reused address) must not count as this pool's load.
+            if load is not None and load.pool not in (None, pool.name):
+                logger.debug("pod %s answers for pool %s, not %s", name, load.pool, pool.name)
+                loads[name] = None
+        return loads
 
     def _signals(
-        self,
-        state: PoolState,
-        pods: Pods,
-        loads: Mapping[str, scaling.Load | None],
-        now: float,
+        self, state: PoolState, loads: Mapping[str, scaling.Load | None], now: float
     ) -> scaling.Signals:
+        """The pods' loads summed, with this interval's first tokens added to the window."""
         read = {name: load for name, load in loads.items() if load is not None}
         realtime = {
             name: load.ttft["realtime"] for name, load in read.items() if "realtime" in load.ttft

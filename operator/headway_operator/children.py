@@ -51,6 +51,14 @@ class SidecarSettings:
     cpu_request: str = "250m"  # one core serves thousands of small requests a second
     memory_request: str = "128Mi"
     memory_limit: str = "512Mi"  # queued request bodies are bounded by the queue depths
+    # Secrets in each pool's namespace for an external Redis; mounted into the sidecar.
+    redis_password_secret: str | None = None
+    redis_password_key: str = "password"
+    redis_tls_secret: str | None = None  # holds ca.crt
+
+
+REDIS_PASSWORD_FILE = "/etc/headway/redis/password"
+REDIS_CA_FILE = "/etc/headway/redis-tls/ca.crt"
 
 
 def config_map_name(pool: str) -> str:
@@ -113,8 +121,8 @@ def refusals(pool: ModelPool) -> list[str]:
     for index, volume in enumerate(_list(spec.get("volumes"))):
         if "hostPath" in volume:
             found.append(f"{at}.volumes[{index}] mounts a hostPath")
-        if volume.get("name") in VOLUMES:
-            found.append(f"{at}.volumes[{index}].name {volume['name']!r} is reserved")
+        if str(volume.get("name", "")).startswith("headway-"):
+            found.append(f"{at}.volumes[{index}].name {volume['name']!r}: headway-* is reserved")
     return found
 
 
@@ -147,7 +155,7 @@ def deployment(
         resources["limits"] = limits
         containers[0]["resources"] = resources
     spec["containers"] = [*containers, _sidecar(settings)]
-    spec["volumes"] = [*_list(spec.get("volumes")), *_volumes(pool.name)]
+    spec["volumes"] = [*_list(spec.get("volumes")), *_volumes(pool.name, settings)]
     selector = {**(spec.get("nodeSelector") or {}), **pool.node_pool.node_selector}
     if selector:
         spec["nodeSelector"] = selector
@@ -208,13 +216,38 @@ def _sidecar(settings: SidecarSettings) -> dict[str, Any]:
         },
         # Whole directories, never subPath: a subPath mount never sees updates.
         "volumeMounts": [
-            {"name": name, "mountPath": path, "readOnly": True} for name, path in VOLUMES.items()
+            {"name": name, "mountPath": path, "readOnly": True}
+            for name, path in _mounts(settings).items()
         ],
     }
 
 
-def _volumes(pool: str) -> list[dict[str, Any]]:
+def _mounts(settings: SidecarSettings) -> dict[str, str]:
+    mounts = dict(VOLUMES)
+    if settings.redis_password_secret:
+        mounts["headway-redis"] = REDIS_PASSWORD_FILE.rpartition("/")[0]
+    if settings.redis_tls_secret:
+        mounts["headway-redis-tls"] = REDIS_CA_FILE.rpartition("/")[0]
+    return mounts
+
+
+def _volumes(pool: str, settings: SidecarSettings) -> list[dict[str, Any]]:
+    extra = []
+    if settings.redis_password_secret:
+        password = REDIS_PASSWORD_FILE.rpartition("/")[2]
+        items = [{"key": settings.redis_password_key, "path": password}]
+        extra.append(
+            {
+                "name": "headway-redis",
+                "secret": {"secretName": settings.redis_password_secret, "items": items},
+            }
+        )
+    if settings.redis_tls_secret:
+        extra.append(
+            {"name": "headway-redis-tls", "secret": {"secretName": settings.redis_tls_secret}}
+        )
     return [
+        *extra,
         {"name": "headway-config", "configMap": {"name": config_map_name(pool)}},
         {"name": "headway-keys", "secret": {"secretName": HASHING_SECRET}},
         # Mounted into the sidecar only: the model server has no volumeMount for it.

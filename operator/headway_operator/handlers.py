@@ -1,7 +1,8 @@
 """The kopf side: indexes of what the reconcile reads, and event handlers that mark namespaces.
 
 Nothing here writes to the cluster. Every watched kind feeds an index and,
-on any event, marks its namespace dirty for :class:`reconciling.Reconciler`.
+on any event, marks its namespace dirty for :class:`reconciling.Reconciler`;
+the startup activity starts that loop and the autoscaler's task (issue 5).
 Only event handlers are used (no create/update/delete handlers, timers or
 daemons), so kopf never adds a finalizer and deleting any resource never waits
 for the operator. The handlers live in a registry built per run, not kopf's
@@ -12,15 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
+import functools
 import logging
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
 import kopf
 
-from headway_operator import children, kubeapi, observing, reconciling
+from headway_operator import autoscaling, children, kubeapi, observing, reconciling
 from headway_operator.observing import Snapshot
 
 logger = logging.getLogger(__name__)
@@ -60,6 +62,7 @@ def credentials(settings: kopf.OperatorSettings) -> kopf.ConnectionInfo:
 
 
 def build(options: reconciling.Options) -> kopf.OperatorRegistry:
+    """A registry with one index and one marking handler per watched kind, and the activities."""
     registry = kopf.OperatorRegistry()
 
     def index(selector: tuple[str, str], entry: Callable[[Mapping[str, Any]], object]) -> None:
@@ -71,9 +74,9 @@ def build(options: reconciling.Options) -> kopf.OperatorRegistry:
         kopf.on.event(*selector, id=f"{name}-changed", registry=registry)(_mark)
 
     for selector, kind in CR_KINDS.items():
-        index(selector, lambda body, kind=kind: observing.resource_entry(kind, body))  # type: ignore[misc]
+        index(selector, functools.partial(observing.resource_entry, kind))
     for selector, kind in CHILD_KINDS.items():
-        index(selector, lambda body, kind=kind: observing.child_entry(kind, body))  # type: ignore[misc]
+        index(selector, functools.partial(observing.child_entry, kind))
     index(SECRETS, observing.secret_entry)
     index(PODS, observing.pod_entry)
 
@@ -83,22 +86,29 @@ def build(options: reconciling.Options) -> kopf.OperatorRegistry:
 
     @kopf.on.startup(registry=registry)
     async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -> None:
-        session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
-        api = kubeapi.Client(session, credentials(settings))
+        session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=options.api_timeout))
+        try:
+            api = kubeapi.Client(session, functools.partial(credentials, settings))
+        except (OSError, ValueError, kopf.LoginError) as e:
+            await session.close()
+            # Retrying cannot create a kubeconfig: stop instead of waiting forever.
+            raise kopf.PermanentError(f"no usable credentials: {e}") from e
         reconciler = reconciling.Reconciler(options, api, session, _snapshots(kwargs))
         memo.session = session
         memo.reconciler = reconciler
         memo.stop = asyncio.Event()
         memo.tasks = [asyncio.create_task(reconciler.run(), name="reconcile")]
-        scaler = _autoscaler()
-        if scaler is not None:
-            pools = kwargs["modelpools"]
-            every_pool = lambda: [e for store in pools.values() for e in store]  # noqa: E731
-            memo.tasks.append(
-                asyncio.create_task(
-                    scaler(api, every_pool, stop=memo.stop, session=session), name="autoscale"
-                )
+        pools = kwargs["modelpools"]
+        every_pool = lambda: [e for store in pools.values() for e in store]  # noqa: E731
+        scaling = autoscaling.Settings()
+        if options.placeholder_priority_class:
+            scaling = replace(scaling, priority_class=options.placeholder_priority_class)
+        memo.tasks.append(
+            asyncio.create_task(
+                autoscaling.run(api, every_pool, stop=memo.stop, settings=scaling, session=session),
+                name="autoscale",
             )
+        )
 
     @kopf.on.cleanup(registry=registry)
     async def stop(memo: kopf.Memo, **_: Any) -> None:
@@ -108,6 +118,8 @@ def build(options: reconciling.Options) -> kopf.OperatorRegistry:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if "reconciler" in memo:
+            await memo.reconciler.aclose()
         if "session" in memo:
             await memo.session.close()
 
@@ -148,13 +160,3 @@ def _snapshots(indexes: Mapping[str, Any]) -> Callable[[str], Snapshot]:
         )
 
     return snapshot
-
-
-def _autoscaler() -> Callable[..., Coroutine[Any, Any, None]] | None:
-    """The autoscaler's ``run(api, pools, *, stop, session)`` (issue 5), if that module has one."""
-    try:
-        module = importlib.import_module("headway_operator.autoscaling")
-    except ModuleNotFoundError:
-        return None
-    run = getattr(module, "run", None)
-    return run if callable(run) else None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -81,12 +81,25 @@ def ssl_context(info: kopf.ConnectionInfo) -> ssl.SSLContext | bool:
 
 
 class Client:
-    """Requests to one API server with one bearer token; every call has a timeout."""
+    """Requests to one API server with a bearer token; every call has the session's timeout.
 
-    def __init__(self, session: aiohttp.ClientSession, info: kopf.ConnectionInfo) -> None:
+    A ``login`` callable is called again after a 401, since a ServiceAccount's
+    projected token is rotated by the kubelet while the operator runs; fixed
+    credentials are used as they are.
+    """
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        login: kopf.ConnectionInfo | Callable[[], kopf.ConnectionInfo],
+    ) -> None:
+        self._session = session
+        self._login = login if callable(login) else None
+        self._use(login() if callable(login) else login)
+
+    def _use(self, info: kopf.ConnectionInfo) -> None:
         if not info.token:
             raise kopf.LoginError("the operator needs a bearer token (ServiceAccount, kubeconfig)")
-        self._session = session
         self._server = info.server.rstrip("/")
         self._headers = {"Authorization": f"Bearer {info.token}", "Accept": "application/json"}
         self._ssl = ssl_context(info)
@@ -99,6 +112,22 @@ class Client:
         *,
         content_type: str = "application/json",
         params: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        try:
+            return await self._request(method, path, body, content_type, params)
+        except ApiError as e:
+            if e.status != 401 or self._login is None:
+                raise
+            self._use(self._login())
+            return await self._request(method, path, body, content_type, params)
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None,
+        content_type: str,
+        params: Mapping[str, str] | None,
     ) -> dict[str, Any]:
         headers = dict(self._headers)
         data = None

@@ -9,7 +9,7 @@ everything it needs from memory instead of listing the API. A
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import headway_contract as contract
@@ -30,7 +30,7 @@ class Entry:
     generation: int
     parsed: Parsed | None
     problem: Problem | None
-    status: Mapping[str, Any] = field(compare=False)
+    status: Mapping[str, Any]  # NB: compared: kopf keeps an equal entry and drops the new one
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +58,7 @@ class PodEntry:
     pool: str
     ip: str | None
     ready: bool
-    labels: Mapping[str, str] = field(compare=False)
+    labels: Mapping[str, str]
 
 
 @dataclass(frozen=True, slots=True)

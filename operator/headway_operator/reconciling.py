@@ -29,7 +29,7 @@ import aiohttp
 import headway_contract as contract
 from headway_contract import Document, HashingKeys, RedisSettings
 
-from headway_operator import children, kubeapi, observing, pushing, rendering, statuses
+from headway_operator import children, kubeapi, observing, pushing, rendering, statuses, usage
 from headway_operator.children import SidecarSettings
 from headway_operator.kubeapi import ApiError, Resource
 from headway_operator.observing import Entry, Snapshot
@@ -45,11 +45,15 @@ class Options:
 
     sidecar: SidecarSettings = field(default_factory=SidecarSettings)
     redis: RedisSettings | None = None  # None: each sidecar limits in memory
+    usage_redis: RedisSettings | None = None  # the same Redis, with the operator's file paths
     fail_mode: str = "open"  # what sidecars do while Redis is unreachable
     sync_interval: float = 10.0  # seconds between version checks of every ready pod
     push_timeout: float = 5.0  # seconds for one GET or PUT /config to one pod
+    placeholder_priority_class: str | None = None  # for warm placeholders; None: autoscaler's
+    api_timeout: float = 30.0  # seconds for one API request; a dead connection costs this much
     debounce: float = 0.2  # seconds to gather a burst of events (kubectl apply -f dir/)
     retry_delay: float = 5.0  # seconds before a failed namespace is tried again
+    usage_interval: float = 15.0  # seconds between reads of TokenQuota usage from Redis
 
 
 class Conflict(Exception):
@@ -63,6 +67,7 @@ class _PoolResult:
     document: Document | None = None
     refused: list[str] = field(default_factory=list)
     conflict: str = ""
+    rejected: str = ""  # the API server's refusal of a child, e.g. an invalid template field
     ready: int = 0
     total: int = 0
     synced: int = 0
@@ -91,10 +96,18 @@ class Reconciler:
         self._written: dict[tuple[str, str], tuple[int, str]] = {}  # pool -> (generation, version)
         self._floors: dict[tuple[str, str], int] = {}  # pool -> lowest generation sidecars accept
         self._pods: dict[tuple[str, str], tuple[str, str, float]] = {}  # -> (ip, version, checked)
-        self._last_good: dict[str, Any] = {}  # uid -> parsed spec, for objects now invalid
+        # (namespace, uid) -> the last spec that parsed, for objects now invalid
+        self._last_good: dict[tuple[str, str], Any] = {}
         self._warned: dict[tuple[str, str, str, str], str] = {}  # condition -> reason warned
         self._keys: dict[str, HashingKeys] = {}  # key file content -> parsed keys
+        self._usage: dict[str, dict[str, Any]] = {}  # quota id -> status.usage
+        self._usage_read: dict[str, float] = {}  # namespace -> when its usage was read
+        self._redis = usage.Reader(options.usage_redis) if options.usage_redis else None
         self.passes = 0  # completed reconciles, for tests and the liveness probe
+
+    async def aclose(self) -> None:
+        if self._redis is not None:
+            await self._redis.close()
 
     def mark(self, namespace: str) -> None:
         self._dirty.add(namespace)
@@ -141,9 +154,12 @@ class Reconciler:
 
         # Invalid objects keep the last spec that parsed, so a bad edit that slipped
         # past the CRD schema does not change what the sidecars enforce.
-        pools = self._specs(snap.pools)
-        routes = self._specs(snap.routes)
-        quotas = self._specs(snap.quotas)
+        live = {e.uid for e in (*snap.pools, *snap.routes, *snap.quotas)}
+        for key in [k for k in self._last_good if k[0] == namespace and k[1] not in live]:
+            del self._last_good[key]
+        pools = self._specs(namespace, snap.pools)
+        routes = self._specs(namespace, snap.routes)
+        quotas = self._specs(namespace, snap.quotas)
         if not pools and not routes and not quotas:
             self._known.discard(namespace)
             return
@@ -177,19 +193,21 @@ class Reconciler:
         for entry in snap.routes:
             conflict = await self._route(snap, entry, taken)
             await self._route_status(snap, entry, conflict, problems[entry.kind, entry.name], at)
+        await self._read_usage(namespace, quotas)
         for entry in snap.quotas:
             await self._quota_status(snap, entry, problems[entry.kind, entry.name], at)
         await self._label_pods(snap, reaching)
         self.passes += 1
 
-    def _specs(self, entries: Sequence[Entry]) -> list[Any]:
+    def _specs(self, namespace: str, entries: Sequence[Entry]) -> list[Any]:
         found = []
         for entry in entries:
+            key = (namespace, entry.uid)
             if entry.parsed is not None:
-                self._last_good[entry.uid] = entry.parsed
+                self._last_good[key] = entry.parsed
                 found.append(entry.parsed)
-            elif entry.uid in self._last_good:
-                found.append(self._last_good[entry.uid])
+            elif key in self._last_good:
+                found.append(self._last_good[key])
         return found
 
     def _replicas(self, snap: Snapshot) -> dict[tuple[str, str], int]:
@@ -268,6 +286,13 @@ class Reconciler:
         except Conflict as e:
             outcome.conflict = str(e)
             return outcome
+        except ApiError as e:
+            if e.status not in (400, 422):
+                raise
+            # The API server refused a child built from this pool (a template field
+            # it rejects, say): report it on the pool and go on with the others.
+            outcome.rejected = e.message
+            return outcome
         if outcome.document is not None and token:
             await self._push(snap, pool.name, outcome, text, token)
         return outcome
@@ -281,6 +306,11 @@ class Reconciler:
         if version != document.version:
             generation += 1
         generation = max(generation, self._floors.get(key, 1))
+        if self._written.get(key, (0, ""))[0] != generation:
+            logger.info(
+                "ModelPool %s/%s: config generation %d, version %s",
+                snap.namespace, pool, generation, document.version,
+            )  # fmt: skip
         self._written[key] = (generation, document.version)
         return replace(document, generation=generation)
 
@@ -418,6 +448,8 @@ class Reconciler:
             main = Condition("Ready", FALSE, "TemplateRefused", message)
         elif outcome.conflict:
             main = Condition("Ready", FALSE, "NameConflict", outcome.conflict)
+        elif outcome.rejected:
+            main = Condition("Ready", FALSE, "ChildRejected", outcome.rejected)
         elif document is None:
             reasons = [str(p) for p in problems] + outcome.errors
             main = Condition("Ready", FALSE, "RenderFailed", "; ".join(reasons) or "no config")
@@ -526,6 +558,16 @@ class Reconciler:
 
     # -- quotas ------------------------------------------------------------------------------
 
+    async def _read_usage(self, namespace: str, quotas: Sequence[Any]) -> None:
+        """Refresh the namespace's usage counters, at most every ``usage_interval``."""
+        now = asyncio.get_running_loop().time()
+        last = self._usage_read.get(namespace)
+        if self._redis is None or (last is not None and now - last < self.options.usage_interval):
+            return
+        self._usage_read[namespace] = now
+        ids = [q.id for q in quotas if isinstance(q, TokenQuota)]
+        self._usage.update(await self._redis.read(ids))
+
     async def _quota_status(
         self, snap: Snapshot, entry: Entry, problems: Sequence[Problem], at: str
     ) -> None:
@@ -541,9 +583,10 @@ class Reconciler:
         else:
             tenant = entry.parsed.tenant if isinstance(entry.parsed, TokenQuota) else entry.name
             ready = Condition("Ready", TRUE, "InForce", f"in force for tenant {tenant!r}")
-        # TODO(#6): status.usage from the shared limiter's Redis keys; when docs/limits.md
-        # documents them (the operator must not import the sidecar's limiter).
-        await self._status(snap, kubeapi.TOKENQUOTAS, entry, {}, [ready], at)
+        status: dict[str, Any] = {}
+        if f"{snap.namespace}/{entry.name}" in self._usage:
+            status["usage"] = self._usage[f"{snap.namespace}/{entry.name}"]
+        await self._status(snap, kubeapi.TOKENQUOTAS, entry, status, [ready], at)
 
     # -- status and Events -------------------------------------------------------------------
 
@@ -571,6 +614,10 @@ class Reconciler:
                 self._warned.pop((entry.kind, snap.namespace, entry.name, condition.type), None)
         if not statuses.differs(status, entry.status):
             return
+        logger.debug(
+            "status of %s %s/%s: %s (was %s)",
+            entry.kind, snap.namespace, entry.name, status, dict(entry.status),
+        )  # fmt: skip
         try:
             await self._api.apply(
                 resource, snap.namespace, statuses.document(entry.kind, entry.name, status),

@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import kopf
 from headway_contract import parse_duration
@@ -52,20 +53,53 @@ def _duration(text: str) -> float:
 
 
 def parser() -> argparse.ArgumentParser:
+    """The operator's flags; the chart sets some of them through HEADWAY_* variables."""
+    env = os.environ.get
     p = argparse.ArgumentParser(prog="headway operator", description=__doc__)
+    p.add_argument("--standalone", action="store_true", help="no peering (the default)")
     p.add_argument("--peering", help="kopf peering name; enables a standby (default: standalone)")
     p.add_argument("--priority", type=int, help="this replica's peering priority, unique")
     p.add_argument("--liveness", help="liveness endpoint, e.g. http://0.0.0.0:8081/healthz")
     p.add_argument("--log-format", choices=("json", "plain"), default="json")
     p.add_argument("--verbose", action="store_true", help="debug logging")
-    p.add_argument("--sidecar-image", default=children.DEFAULT_IMAGE)
+    p.add_argument("--sidecar-image", default=env("HEADWAY_SIDECAR_IMAGE", children.DEFAULT_IMAGE))
     p.add_argument("--sidecar-pull-policy", default=children.DEFAULT_PULL_POLICY)
-    p.add_argument("--redis-url", help="Redis the sidecars share limits through")
-    p.add_argument("--fail-mode", choices=("open", "closed"), default="open")
+    p.add_argument(
+        "--redis-url", default=env("HEADWAY_REDIS_URL"), help="Redis the sidecars share limits in"
+    )
+    p.add_argument(
+        "--redis-password-secret",
+        default=env("HEADWAY_REDIS_PASSWORD_SECRET"),
+        help="Secret with the Redis password, in every pool's namespace",
+    )
+    p.add_argument(
+        "--redis-password-key", default=env("HEADWAY_REDIS_PASSWORD_SECRET_KEY", "password")
+    )
+    p.add_argument(
+        "--redis-password-file",
+        default=env("HEADWAY_REDIS_PASSWORD_FILE"),
+        help="the same password, for the operator's own usage reads",
+    )
+    p.add_argument(
+        "--redis-tls-secret",
+        default=env("HEADWAY_REDIS_TLS_SECRET"),
+        help="Secret with ca.crt for a rediss:// URL, in every pool's namespace",
+    )
+    p.add_argument(
+        "--placeholder-priority-class",
+        help="PriorityClass of warm placeholder pods (the chart's negative one)",
+    )
+    p.add_argument(
+        "--fail-mode", choices=("open", "closed"), default=env("HEADWAY_FAIL_MODE", "open")
+    )
     p.add_argument(
         "--sync-interval", type=_duration, default=10.0, help="version check of every pod (10s)"
     )
     p.add_argument("--push-timeout", type=_duration, default=5.0, help="per GET/PUT /config (5s)")
+    p.add_argument("--api-timeout", type=_duration, default=30.0, help="per API request (30s)")
+    p.add_argument(
+        "--usage-interval", type=_duration, default=15.0, help="TokenQuota usage refresh (15s)"
+    )
     p.add_argument("--watch-server-timeout", type=_duration, default=SERVER_TIMEOUT)
     p.add_argument("--watch-client-timeout", type=_duration, default=CLIENT_TIMEOUT)
     return p
@@ -75,14 +109,36 @@ def parse(namespaces: Sequence[str], all_namespaces: bool, argv: Sequence[str]) 
     args = parser().parse_args([a for a in argv if a != "--"])
     if args.peering and args.priority is None:
         parser().error("--peering needs --priority, distinct for every replica")
+    if args.peering and args.standalone:
+        parser().error("--standalone and --peering exclude each other")
     if args.watch_client_timeout <= args.watch_server_timeout:
         parser().error("--watch-client-timeout must exceed --watch-server-timeout")
+    redis = redis_settings(args.redis_url)
+    usage_redis = redis
+    if redis is not None:
+        usage_redis = replace(redis, password_file=args.redis_password_file)
+        redis = replace(
+            redis,
+            password_file=children.REDIS_PASSWORD_FILE if args.redis_password_secret else None,
+            tls_ca_file=children.REDIS_CA_FILE if args.redis_tls_secret else None,
+        )
+    sidecar = SidecarSettings(
+        image=args.sidecar_image,
+        pull_policy=args.sidecar_pull_policy,
+        redis_password_secret=args.redis_password_secret,
+        redis_password_key=args.redis_password_key,
+        redis_tls_secret=args.redis_tls_secret,
+    )
     options = reconciling.Options(
-        sidecar=SidecarSettings(image=args.sidecar_image, pull_policy=args.sidecar_pull_policy),
-        redis=redis_settings(args.redis_url),
+        sidecar=sidecar,
+        redis=redis,
+        usage_redis=usage_redis,
         fail_mode=args.fail_mode,
         sync_interval=args.sync_interval,
         push_timeout=args.push_timeout,
+        usage_interval=args.usage_interval,
+        api_timeout=args.api_timeout,
+        placeholder_priority_class=args.placeholder_priority_class,
     )
     return Flags(
         namespaces=tuple(namespaces),

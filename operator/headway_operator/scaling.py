@@ -9,6 +9,7 @@ never imports the sidecar), the merging of TTFT histograms across pods, and
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -70,7 +71,7 @@ class Histogram:
         delta = tuple(a - b for a, b in zip(self.counts, earlier.counts, strict=True))
         # A restarted sidecar counts from zero: some bucket then holds fewer
         # observations than before, and the difference stops being cumulative.
-        if delta[0] < 0 or any(a > b for a, b in zip(delta, delta[1:], strict=False)):
+        if delta[0] < 0 or any(a > b for a, b in itertools.pairwise(delta)):
             return self
         return Histogram(self.bounds, delta)
 
@@ -112,6 +113,7 @@ class Load:
     waiting: Mapping[str, int]
     inflight: Mapping[str, int]
     ttft: Mapping[str, Histogram]
+    pool: str | None = None  # the pool the sidecar's config is for, when it says
 
 
 def parse_load(data: object) -> Load:
@@ -122,7 +124,9 @@ def parse_load(data: object) -> Load:
         raise LoadError(f"capacity: expected at least 1 (got {capacity})")
     batch_slots = top.get("batchSlots")
     ttft = _mapping(top.get("ttft", {}), "ttft")
+    pool = top.get("pool")
     return Load(
+        pool=pool if isinstance(pool, str) else None,
         capacity=capacity,
         batch_slots=capacity if batch_slots is None else _count(batch_slots, "batchSlots"),
         waiting=_per_class(top.get("queueDepth"), "queueDepth"),
@@ -235,10 +239,6 @@ class Decision:
     ttft_p95: float | None = None  # seconds, real-time, None without enough samples
     ttft_samples: int = 0
     message: str = ""
-
-    @property
-    def changed(self) -> bool:
-        return self.reason in ("ScaleUp", "ScaleDown", "OutOfBounds")
 
 
 def realtime_p95(signals: Signals, history: History, now: float) -> tuple[float | None, int]:

@@ -464,6 +464,7 @@ class Call:
     exchange: Exchange
     hop: bool = False  # forwarded here by another sidecar: local queue only
     reached_upstream: bool = False  # a model server (or sidecar) answered the request
+    sent: bool = False  # went to the local model server, answered or not (charged its input)
     client: ClientStream | None = None  # the client's SSE response, once begun
 
     @property
@@ -658,6 +659,7 @@ async def _forward(call: Call, target: Target) -> web.StreamResponse:
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=_CONNECT_TIMEOUT)
     # NB: loop.time() is time.monotonic(), the clock of every deadline here.
     scope = asyncio.timeout_at(headers_by)
+    call.sent = call.sent or target.local
     try:
         async with (
             scope,
@@ -671,6 +673,7 @@ async def _forward(call: Call, target: Target) -> web.StreamResponse:
             scope.reschedule(call.deadline)
             return await _relay(call, upstream, first_token)
     except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
+        call.sent = False  # nothing left this sidecar
         raise _Failover(
             f"unreachable: {e}",
             error=errors.UpstreamError("The model server is unreachable."),
@@ -867,9 +870,14 @@ async def _settle(gateway: Gateway, admission: limiting.Admission, call: Call) -
     """Charge what was used, or refund a request no model server ever saw."""
     exchange = call.exchange
     try:
-        if not call.reached_upstream:
+        if not call.reached_upstream and not call.sent:
             await gateway.limiter.refund(admission)
             return
+        if not call.reached_upstream:
+            # Sent but never answered (a hang-up, a timeout): a model server
+            # answering without streaming sends nothing until it is done, and
+            # it read the prompt, so the prompt is charged.
+            exchange.input_tokens = call.estimate
         pricing = _pricing(call.document, exchange.backend or call.document.pool)
         cost = pricing.cost(exchange.input_tokens, exchange.output_tokens) if pricing else None
         await gateway.limiter.settle(

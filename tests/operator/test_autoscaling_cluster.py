@@ -27,7 +27,8 @@ from headway_operator.observing import Entry
 from headway_sidecar import serving, simulator
 from prometheus_client import CollectorRegistry
 
-from tests.fixtures.kube import GPU_NODE, ControlPlane, free_port
+from tests.fixtures.kube import ControlPlane, free_port
+from tests.operator.autoscaling_nodes import GpuNode, gpu_node
 from tests.sidecar.conftest import document, serve, write_json
 
 pytestmark = pytest.mark.cluster
@@ -73,6 +74,12 @@ def crds(cluster: ControlPlane) -> ControlPlane:
     return cluster
 
 
+@pytest.fixture(scope="module")
+def node(crds: ControlPlane) -> Iterator[GpuNode]:
+    with gpu_node(crds) as made:
+        yield made
+
+
 def _established(plane: ControlPlane, name: str) -> bool:
     conditions = plane.get("crd", name).get("status", {}).get("conditions") or []
     return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
@@ -115,10 +122,12 @@ def namespace(crds: ControlPlane) -> Iterator[str]:
     crds.kubectl("delete", "namespace", name, "--wait=false")
 
 
-def pool_body(namespace: str, name: str, **spec: Any) -> dict[str, Any]:
+def pool_body(
+    namespace: str, name: str, node: GpuNode, *, gpus: int = 1, warm: int = 0, **scaling: Any
+) -> dict[str, Any]:
     server = {"name": "server", "image": "registry.invalid/model-server:0"}
     server["resources"] = {"requests": {"cpu": "1", "memory": "1Gi"}}
-    body: dict[str, Any] = {
+    return {
         "apiVersion": specs.API_VERSION,
         "kind": "ModelPool",
         "metadata": {"name": name, "namespace": namespace},
@@ -126,11 +135,14 @@ def pool_body(namespace: str, name: str, **spec: Any) -> dict[str, Any]:
             "models": ["llama-3.1-8b-instruct"],
             "server": {"port": 8000, "template": {"spec": {"containers": [server]}}},
             "capacity": {"maxConcurrency": 2},
-            "nodePool": {"nodeSelector": {"headway.dev/node-pool": "gpu"}},
-            **spec,
+            "scaling": scaling,
+            "nodePool": {
+                "nodeSelector": node.selector,
+                "gpusPerReplica": gpus,
+                "warmReplicas": warm,
+            },
         },
     }
-    return body
 
 
 @dataclass
@@ -141,10 +153,6 @@ class Cluster:
     admin: kubeapi.Client
     namespace: str
     entries: dict[str, Entry] = field(default_factory=dict)
-
-    async def kubectl(self, *args: str) -> Any:
-        done = await asyncio.to_thread(self.plane.kubectl, *args)
-        return json.loads(done.stdout) if "-o" in args else done.stdout
 
     async def create_pool(self, body: dict[str, Any], replicas: int | None = 1) -> Entry:
         """The ModelPool, and its Deployment as the operator builds it (unless replicas is None)."""
@@ -292,7 +300,8 @@ class Sidecars:
 async def sidecars(kube: Cluster, pool: str, admin_port: int, tmp: Path) -> AsyncIterator[Sidecars]:
     # Two seconds to the first token: requests stay in flight long enough to queue.
     sim = await serve(simulator.make_app(simulator.Settings(ttft=2.0, tpot=0.01, output_tokens=4)))
-    data = document(sim.port)
+    # The sample document, renamed to the pool: the autoscaler checks whose load it reads.
+    data = json.loads(json.dumps(document(sim.port)).replace('"small"', json.dumps(pool)))
     data["capacity"]["maxConcurrency"] = 2
     config = write_json(tmp / f"{pool}.json", data)
     fleet = Sidecars(kube, pool, admin_port, config)
@@ -334,7 +343,7 @@ async def keep_busy(url: str, concurrency: int, stop: asyncio.Event) -> int:
 
 
 async def test_loop_scales_up_under_queued_load_and_back_down_after_it(
-    kube: Cluster, autoscaler: autoscaling.Settings, tmp_path: Path
+    kube: Cluster, autoscaler: autoscaling.Settings, node: GpuNode, tmp_path: Path
 ) -> None:
     # 2 slots + 1 waiting per replica: 11 outstanding requests ask for 4, over the maximum.
     scaling = {
@@ -345,7 +354,7 @@ async def test_loop_scales_up_under_queued_load_and_back_down_after_it(
         "scaleUpCooldown": "1s",
         "scaleDownDelay": "3s",
     }
-    await kube.create_pool(pool_body(kube.namespace, "chat", scaling=scaling))
+    await kube.create_pool(pool_body(kube.namespace, "chat", node, **scaling))
 
     async with sidecars(kube, "chat", autoscaler.admin_port, tmp_path) as fleet:
         first = await eventually(lambda: _first(fleet), "a sidecar on the first pod")
@@ -364,7 +373,7 @@ async def test_loop_scales_up_under_queued_load_and_back_down_after_it(
 
     # The pods went where the pool's nodePool sends them: the GPU node.
     pods = await kube.pods(f"{children.POOL_LABEL}=chat")
-    assert {p["spec"]["nodeName"] for p in pods} == {GPU_NODE}
+    assert {p["spec"]["nodeName"] for p in pods} == {node.name}
     assert pods[0]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
 
     assert answered > 0
@@ -377,20 +386,18 @@ async def test_loop_scales_up_under_queued_load_and_back_down_after_it(
 
     ups, downs = await kube.events("ScaleUp"), await kube.events("ScaleDown")
     assert ups and downs
-    assert "1 -> " in ups[0]["message"] and "real-time" in ups[0]["message"]
-    assert downs[-1]["message"].startswith("3 -> 1") or "-> 1" in downs[-1]["message"]
+    assert any(" -> 3: real-time " in e["message"] for e in ups), [e["message"] for e in ups]
+    # Down in one step or several as the queue drains, ending at minReplicas.
+    assert any(" -> 1: " in e["message"] for e in downs), [e["message"] for e in downs]
     assert ups[0]["involvedObject"]["kind"] == "ModelPool"
     assert await kube.events("MaxReplicas")  # the Warning when ScalingLimited turned True
 
 
 async def test_pool_asking_for_more_gpus_than_any_node_reports_capacity_pending(
-    kube: Cluster, autoscaler: autoscaling.Settings
+    kube: Cluster, autoscaler: autoscaling.Settings, node: GpuNode
 ) -> None:
-    body = pool_body(kube.namespace, "huge", nodePool={
-        "nodeSelector": {"headway.dev/node-pool": "gpu"},
-        "gpusPerReplica": 8,  # the GPU node has 4
-    })  # fmt: skip
-    await kube.create_pool(body)
+    # Every GPU node of the session has 4.
+    await kube.create_pool(pool_body(kube.namespace, "huge", node, gpus=8))
 
     pending = await eventually(
         lambda: _condition_is(kube, "huge", "CapacityPending", "True"), "CapacityPending True"
@@ -405,19 +412,11 @@ async def test_pool_asking_for_more_gpus_than_any_node_reports_capacity_pending(
 
 
 async def test_warm_placeholders_hold_the_gpus_and_yield_to_real_replicas(
-    kube: Cluster, autoscaler: autoscaling.Settings
+    kube: Cluster, autoscaler: autoscaling.Settings, node: GpuNode
 ) -> None:
     # Two placeholders of 2 GPUs fill the 4-GPU node; an HPA (mode external) owns replicas.
-    body = pool_body(
-        kube.namespace,
-        "warm",
-        scaling={"mode": "external", "minReplicas": 1, "maxReplicas": 2},
-        nodePool={
-            "nodeSelector": {"headway.dev/node-pool": "gpu"},
-            "gpusPerReplica": 2,
-            "warmReplicas": 2,
-        },
-    )
+    scaling = {"mode": "external", "minReplicas": 1, "maxReplicas": 2}
+    body = pool_body(kube.namespace, "warm", node, gpus=2, warm=2, **scaling)
     entry = await kube.create_pool(body, replicas=None)
     warm = f"{autoscaling.WARM_LABEL}=warm"
     await eventually(lambda: _running(kube, warm, 2), "2 placeholders running")
@@ -439,7 +438,7 @@ async def test_warm_placeholders_hold_the_gpus_and_yield_to_real_replicas(
     preempted = await kube.events("Preempted")
     stored = await eventually(lambda: _status_is(kube, "warm", 2), "status desiredReplicas 2")
 
-    assert {p["spec"]["nodeName"] for p in await kube.pods(real)} == {GPU_NODE}
+    assert {p["spec"]["nodeName"] for p in await kube.pods(real)} == {node.name}
     assert len(preempted) >= 2
     # The placeholders were recreated and now wait for a node: that is the signal
     # a cluster autoscaler acts on, and it is not the pool's CapacityPending.

@@ -6,6 +6,8 @@ parsing follows what the sidecar actually serves.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import datetime
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from headway_operator import autoscaling, children, scaling, specs
+from headway_operator import autoscaling, children, kubeapi, observing, scaling, specs
 from headway_sidecar import serving, simulator
 from prometheus_client import CollectorRegistry
 
@@ -166,6 +168,7 @@ async def test_read_load_parses_what_a_real_sidecar_serves(sidecar: serving.Runn
         load = await autoscaling.read_load(session, "127.0.0.1", port, 5.0)
 
     assert load is not None
+    assert load.pool == "small"
     assert (load.capacity, load.batch_slots) == (4, 3)
     assert load.waiting == {"realtime": 0, "batch": 0}
     assert load.ttft["realtime"].count == 1
@@ -193,3 +196,62 @@ async def test_read_load_turns_bad_answers_into_none(status: int, text: str) -> 
 async def test_read_load_gives_up_on_a_closed_port() -> None:
     async with aiohttp.ClientSession() as session:
         assert await autoscaling.read_load(session, "127.0.0.1", free_port(), 1.0) is None
+
+
+async def test_a_sidecar_of_another_pool_does_not_count(sidecar: serving.Running) -> None:
+    # As when a pod's IP went to another pool's pod between the list and the GET.
+    port = int(sidecar.admin_url.rsplit(":", 1)[1])
+    pods = autoscaling.Pods(ready=(("pod-a", "127.0.0.1"),), total=1, unschedulable=())
+    settings = autoscaling.Settings(admin_port=port)
+    async with aiohttp.ClientSession() as session:
+        scaler = autoscaling.Autoscaler(None, session, settings)  # type: ignore[arg-type]
+        theirs = await scaler._loads(pool(), pods)  # the sidecar serves pool "small"
+        ours = await scaler._loads(dataclasses.replace(pool(), name="small"), pods)
+
+    assert theirs == {"pod-a": None}
+    assert ours["pod-a"] is not None
+
+
+class Recorder:
+    """Stands in for the API client: records what the loop asks, answers 404."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def request(self, method: str, path: str, *args: Any, **kwargs: Any) -> Any:
+        self.calls.append(f"{method} {path}")
+        raise kubeapi.ApiError(404, "NotFound", path)
+
+    async def get(self, resource: kubeapi.Resource, namespace: str, name: str) -> Any:
+        self.calls.append(f"GET {resource.path(namespace, name)}")
+        return None
+
+    async def apply(self, resource: kubeapi.Resource, namespace: str, body: Any, **_: Any) -> Any:
+        self.calls.append(f"APPLY {resource.path(namespace, body['metadata']['name'])}")
+        return body
+
+
+async def test_a_paused_operator_does_not_scale_until_it_is_active() -> None:
+    body = {
+        "apiVersion": specs.API_VERSION,
+        "kind": "ModelPool",
+        "metadata": {"name": "llama", "namespace": "ml", "uid": "u1"},
+        "spec": {"models": ["m"], "nodePool": {"warmReplicas": 1}},
+    }
+    entry = observing.resource_entry("ModelPool", body)
+    api, stop, active = Recorder(), asyncio.Event(), asyncio.Event()
+    settings = autoscaling.Settings(interval=0.01)
+    task = asyncio.create_task(
+        autoscaling.run(api, lambda: [entry], stop=stop, settings=settings, active=active.is_set)  # type: ignore[arg-type]
+    )
+    await asyncio.sleep(0.2)
+    assert api.calls == []  # paused: not even a read
+
+    active.set()
+    deadline = asyncio.get_running_loop().time() + 10
+    while "GET /apis/apps/v1/namespaces/ml/deployments/llama/scale" not in api.calls:
+        assert asyncio.get_running_loop().time() < deadline, api.calls
+        await asyncio.sleep(0.01)
+    stop.set()
+    await task
+    assert "APPLY /apis/apps/v1/namespaces/ml/deployments/llama-warm" in api.calls

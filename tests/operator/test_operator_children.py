@@ -1,4 +1,4 @@
-"""The operator on a real control plane: examples/ in, exactly the expected children and statuses out.
+"""The operator on a real control plane: examples/ in, exactly the expected children out.
 
 The operator runs as `headway operator` with the chart's ServiceAccount token.
 """
@@ -6,14 +6,15 @@ The operator runs as `headway operator` with the chart's ServiceAccount token.
 from __future__ import annotations
 
 import base64
+import copy
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 from headway_contract import load_hashing_keys, loads
-
 from headway_operator import cli
+
 from tests.fixtures.kube import ControlPlane
 from tests.operator import operating
 from tests.operator.operating import condition, managed, poll
@@ -30,9 +31,7 @@ def namespace(cluster: ControlPlane) -> str:
 
 
 @pytest.fixture
-def operator(
-    cluster: ControlPlane, namespace: str, tmp_path: Path
-) -> Any:
+def operator(cluster: ControlPlane, namespace: str, tmp_path: Path) -> Any:
     token = operating.operator_token(cluster)
     with operating.running(cluster, namespace, token, tmp_path) as running:
         yield running
@@ -67,7 +66,16 @@ def test_examples_yield_exactly_the_expected_children(
     _examples_applied(cluster, namespace, operator)
     pools = {p["metadata"]["name"]: p for p in cluster.get("modelpools", "-n", namespace)["items"]}
 
-    assert set(managed(cluster, "deployments", namespace)) == {"llama-8b", "llama-70b"}
+    # llama-8b asks for one warm placeholder, which the autoscaler's task keeps.
+    poll(
+        lambda: (
+            set(managed(cluster, "deployments", namespace))
+            == {"llama-8b", "llama-70b", "llama-8b-warm"}
+        ),
+        "exactly the pools' Deployments",
+        60,
+        operator,
+    )
     assert set(managed(cluster, "services", namespace)) == {
         "llama-8b", "llama-70b", "chat", "chat-large"
     }  # fmt: skip
@@ -98,16 +106,37 @@ def test_examples_yield_exactly_the_expected_children(
         (tmp_path / "in").mkdir(exist_ok=True)
         name = f"{body['kind']}-{body['metadata']['name']}.json"
         (tmp_path / "in" / name).write_text(json.dumps(body))
-    offline, problems = cli.render_files(
-        [str(tmp_path / "in")], keys=load_hashing_keys(key_file)
-    )
+    offline, problems = cli.render_files([str(tmp_path / "in")], keys=load_hashing_keys(key_file))
     assert problems == []
     for name, pool in pools.items():
         config_map = cluster.get("configmap", f"{name}-config", "-n", namespace)
         document = loads(config_map["data"]["config.json"])
         assert document.version == offline.documents[namespace, name].version
         assert pool["status"]["config"]["version"] == document.version
-        assert document.generation == 1
+        # Raised once per content change while the examples arrive one by one.
+        assert document.generation >= 1
+
+    # kwok runs the pods but no sidecar answers on their IPs: a ready replica
+    # is reported as not synced, with the address that failed.
+    def reported() -> list[dict[str, Any]] | None:
+        found = []
+        for pool in cluster.get("modelpools", "-n", namespace)["items"]:
+            status = pool.get("status", {})
+            synced = condition(pool, "ConfigSynced")
+            if status.get("readyReplicas", 0) == 0:
+                if synced.get("status") != "Unknown":
+                    return None
+            elif synced.get("reason") != "PushFailed":
+                return None
+            found.append(pool)
+        return found if any(p["status"].get("readyReplicas") for p in found) else None
+
+    for pool in poll(reported, "ConfigSynced reported", 120, operator):
+        status = pool["status"]
+        assert status["config"]["syncedReplicas"] == 0
+        if status["readyReplicas"]:
+            assert ":9090" in condition(pool, "ConfigSynced")["message"]
+            assert condition(pool, "Ready")["reason"] == "ConfigNotSynced"
 
 
 def test_the_deployment_injects_the_sidecar(
@@ -161,24 +190,40 @@ def test_a_users_edit_to_a_child_is_reverted(
         "set", "image", "deployment/llama-8b", "headway-sidecar=evil:latest", "-n", namespace
     )
 
+    def images() -> list[str]:
+        deployment = cluster.get("deployment", "llama-8b", "-n", namespace)
+        return [c["image"] for c in deployment["spec"]["template"]["spec"]["containers"]]
+
     def reverted() -> bool:
         data = cluster.get("configmap", "llama-8b-config", "-n", namespace)["data"]
-        deployment = cluster.get("deployment", "llama-8b", "-n", namespace)
-        images = [c["image"] for c in deployment["spec"]["template"]["spec"]["containers"]]
-        return data["config.json"] == before and "evil:latest" not in images
+        return data["config.json"] == before and not any("evil" in i for i in images())
 
     poll(reverted, "edits reverted", 60, operator)
 
-    # Replicas belong to the autoscaler: a scale survives the reconciles.
-    cluster.kubectl("scale", "deployment/llama-8b", "--replicas=3", "-n", namespace)
+    # Replicas belong to the scaler (here a user, as with scaling.mode external):
+    # the reconciles that follow keep the count and still revert the image.
     cluster.kubectl(
-        "annotate", "modelpool", "llama-8b", "-n", namespace, "touched=yes", "--overwrite"
-    )
+        "patch", "modelpool", "llama-8b", "-n", namespace, "--type=merge",
+        "-p", json.dumps({"spec": {"scaling": {"mode": "external"}}}),
+    )  # fmt: skip
+    cluster.kubectl("scale", "deployment/llama-8b", "--replicas=3", "-n", namespace)
     cluster.kubectl(
         "set", "image", "deployment/llama-8b", "headway-sidecar=evil:2", "-n", namespace
     )
-    poll(reverted, "edit reverted again", 60, operator)
+    poll(lambda: not any("evil" in i for i in images()), "edit reverted again", 60, operator)
     assert cluster.get("deployment", "llama-8b", "-n", namespace)["spec"]["replicas"] == 3
+    # The replica count is part of the config (each sidecar's fail-open share).
+    poll(
+        lambda: (
+            loads(
+                cluster.get("configmap", "llama-8b-config", "-n", namespace)["data"]["config.json"]
+            ).replicas
+            == 3
+        ),
+        "replicas in the config",
+        60,
+        operator,
+    )
 
 
 def test_missing_refs_and_refused_templates_are_reported(
@@ -201,6 +246,11 @@ def test_missing_refs_and_refused_templates_are_reported(
         "privileged": True
     }
     cluster.apply(pool)
+    # Passes the operator's checks but not the API server's: reported, others go on.
+    broken = copy.deepcopy(pool)
+    broken["metadata"]["name"] = "broken"
+    broken["spec"]["server"]["template"]["spec"] = {"containers": [{"name": "server"}]}
+    cluster.apply(broken)
 
     def reported() -> tuple[dict[str, Any], dict[str, Any]] | None:
         route = cluster.get("inferenceroute", "ghost", "-n", namespace)
@@ -211,6 +261,18 @@ def test_missing_refs_and_refused_templates_are_reported(
         return None
 
     refs, ready = poll(reported, "conditions", 60, operator)
+    rejected = poll(
+        lambda: (
+            condition(cluster.get("modelpool", "broken", "-n", namespace), "Ready")
+            if condition(cluster.get("modelpool", "broken", "-n", namespace), "Ready").get("reason")
+            == "ChildRejected"
+            else None
+        ),
+        "broken pool reported",
+        60,
+        operator,
+    )
+    assert "image" in rejected["message"]
     assert "'nowhere'" in refs["message"] and refs["reason"] == "PoolNotFound"
     assert "hostNetwork" in ready["message"] and "privileged" in ready["message"]
     assert "root" not in managed(cluster, "deployments", namespace)
@@ -250,16 +312,20 @@ def test_deleting_resources_removes_children_and_config(
 
     cluster.kubectl("delete", "modelpool", "llama-70b", "-n", namespace, "--timeout=60s")
     poll(
-        lambda: not {n for n in managed(cluster, "deployments", namespace) if n == "llama-70b"}
-        and "llama-70b-config" not in managed(cluster, "configmaps", namespace),
+        lambda: (
+            not {n for n in managed(cluster, "deployments", namespace) if n == "llama-70b"}
+            and "llama-70b-config" not in managed(cluster, "configmaps", namespace)
+        ),
         "children collected",
         120,
         operator,
     )
     route = poll(
-        lambda: (r := cluster.get("inferenceroute", "chat", "-n", namespace))
-        and condition(r, "ResolvedRefs").get("status") == "False"
-        and r,
+        lambda: (
+            (r := cluster.get("inferenceroute", "chat", "-n", namespace))
+            and condition(r, "ResolvedRefs").get("status") == "False"
+            and r
+        ),
         "chat reports the missing pool",
         60,
         operator,
