@@ -65,6 +65,34 @@ def _uninstall(helm: Helm, release: Release) -> None:
     helm.run("uninstall", release.name, "--namespace", release.namespace, "--wait", check=False)
 
 
+def _delete_namespace(cluster: ControlPlane, namespace: str) -> None:
+    """Delete a namespace and wait for its pods to go.
+
+    The session's fake GPU node is shared: example pools left behind would
+    hold its nvidia.com/gpu capacity and starve later tests.
+    """
+    cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+    cluster.wait_for(
+        lambda: not cluster.get("pods", "-n", namespace)["items"], f"pods of {namespace} gone"
+    )
+
+
+@pytest.fixture
+def scratch(cluster: ControlPlane) -> Iterator[Callable[[str], str]]:
+    """Makes namespaces for one test and deletes them, pods included, after it."""
+    made: list[str] = []
+
+    def make(prefix: str) -> str:
+        namespace = f"{prefix}-{secrets.token_hex(3)}"
+        cluster.create_namespace(namespace)
+        made.append(namespace)
+        return namespace
+
+    yield make
+    for namespace in made:
+        _delete_namespace(cluster, namespace)
+
+
 @pytest.fixture(scope="module")
 def release(helm: Helm) -> Iterator[Release]:
     """The chart installed with its Redis, waited on until every Deployment is Available."""
@@ -81,6 +109,7 @@ def namespaced_release(cluster: ControlPlane, helm: Helm) -> Iterator[Release]:
     installed = _install(helm, {"operator": {"watchNamespaces": [watched]}}, watched)
     yield installed
     _uninstall(helm, installed)
+    _delete_namespace(cluster, watched)
 
 
 def _crd_names() -> list[str]:
@@ -235,11 +264,10 @@ def test_make_deploy_installs_the_chart(cluster: ControlPlane, helm: Helm) -> No
 
 
 def test_make_kind_demo_swaps_every_pool_server_for_the_simulator(
-    cluster: ControlPlane, release: Release
+    cluster: ControlPlane, release: Release, scratch: Callable[[str], str]
 ) -> None:
     del release  # for the CRDs
-    namespace = f"hw-demo-{secrets.token_hex(3)}"
-    cluster.create_namespace(namespace)
+    namespace = scratch("hw-demo")
     kubectl = f"{cluster.bin_dir / 'kubectl'} --kubeconfig={cluster.kubeconfig} -n {namespace}"
 
     _make("kind-demo", f"KUBECTL={kubectl}", "IMAGE_TAG=demo")
@@ -330,12 +358,11 @@ def test_chart_operator_reconciles_examples(
     helm: Helm,
     tmp_path: Path,
     request: pytest.FixtureRequest,
+    scratch: Callable[[str], str],
     installed: str,
 ) -> None:
     release: Release = request.getfixturevalue(installed)
-    namespace = release.watched or f"hw-examples-{secrets.token_hex(3)}"
-    if release.watched is None:
-        cluster.create_namespace(namespace)
+    namespace = release.watched or scratch("hw-examples")
     chart = helm.render(release.values, release=release.name, namespace=release.namespace)
     (policy,) = [o for o in chart if o["kind"] == "NetworkPolicy" and "model-pools" in str(o)]
     (priority_class,) = [o for o in chart if o["kind"] == "PriorityClass"]
