@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import re
 import subprocess
@@ -122,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             with run.stage(ctx, [args.arm], upstream, run.ROOMY) as (_, endpoints):
                 endpoint = endpoints[args.arm]
                 run.warm(plan, {args.arm: endpoint})
-                raw = sample(endpoint, ctx, args.seconds, lambda e=endpoint, d=drive: d(e))
+                raw = sample(endpoint, ctx, args.seconds, functools.partial(drive, endpoint))
             table = top(raw, args.top)
             (args.out / f"profile-{args.arm}-{name}.txt").write_text(table + "\n")
             print(f"\n## {args.arm}, {name}\n{table}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -42,7 +43,6 @@ FAST = arms.Upstream(ttft=0.0, tpot=0.0, output_tokens=16, max_concurrency=8192)
 STREAM = arms.Upstream(ttft=0.2, tpot=0.02, output_tokens=64, max_concurrency=8192)
 OVERLOAD = arms.Upstream(ttft=0.2, tpot=0.02, output_tokens=64, max_concurrency=32)
 ROOMY = arms.Capacity(max_concurrency=8192)
-SLOTS = arms.Capacity(max_concurrency=OVERLOAD.max_concurrency, batch_max_share=0.75)
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,7 @@ class Plan:
     streams: tuple[int, ...]
     stream_seconds: float
     overload_seconds: float
+    batch_share: float
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Plan:
@@ -74,6 +75,7 @@ class Plan:
             streams=tuple(args.streams) or ((16, 64) if quick else (64, 256, 1024)),
             stream_seconds=4 if quick else 10,
             overload_seconds=8 if quick else 30,
+            batch_share=args.batch_share,
         )
 
 
@@ -124,7 +126,8 @@ def _measure(
     endpoint: arms.Endpoint, ctx: arms.Context, run: Callable[[], dict[str, Any]]
 ) -> dict[str, Any]:
     endpoint.process.check()
-    redis_before = arms.redis_commands(ctx.redis_url) if _uses_redis(endpoint, ctx) else None
+    redis = ctx.redis_url if _uses_redis(endpoint, ctx) else None
+    redis_before = arms.redis_commands(redis) if redis else None
     cpu_before, wall_before = procs.cpu_seconds(endpoint.process.pid), time.perf_counter()
     result = run()
     cpu = procs.cpu_seconds(endpoint.process.pid) - cpu_before
@@ -135,8 +138,8 @@ def _measure(
     result["proxy_cores"] = cpu / wall
     result["cpu_us_per_request"] = cpu / served * 1e6 if served else math.nan
     result["rss_mib"] = procs.rss_mib(endpoint.process.pid)
-    if redis_before is not None and ctx.redis_url:
-        after = arms.redis_commands(ctx.redis_url)
+    if redis_before is not None and redis:
+        after = arms.redis_commands(redis)
         calls = sum(after.values()) - sum(redis_before.values()) - 1  # the INFO call itself
         result["redis_commands_per_request"] = calls / served if served else math.nan
         result["redis_commands"] = json.dumps(
@@ -223,7 +226,7 @@ def run_fast(ctx: arms.Context, plan: Plan) -> list[Row]:
                     result = measure(
                         endpoint,
                         ctx,
-                        lambda e=endpoint, c=level, s=seconds: requests_run(plan, e, c, s),
+                        functools.partial(requests_run, plan, endpoint, level, seconds),
                     )
                     if "error" not in result:
                         result["rps"] = result["ok"] / result["duration_s"]
@@ -340,7 +343,7 @@ def run_streams(ctx: arms.Context, plan: Plan) -> list[Row]:
                         f"--max-tokens={STREAM.output_tokens}",
                     )
                     result = measure(
-                        endpoint, ctx, lambda e=endpoint, f=flags: client("streams", e, *f)
+                        endpoint, ctx, functools.partial(client, "streams", endpoint, *flags)
                     )
                     with contextlib.suppress(OSError):
                         result["peak_rss_mib"] = procs.peak_rss_mib(endpoint.process.pid)
@@ -375,7 +378,8 @@ def run_overload(ctx: arms.Context, plan: Plan) -> list[Row]:
             ("direct-unloaded", "direct", (f"--rate={rate * 0.2}", "--realtime-share=1")),
             ("direct-fifo", "direct", (f"--rate={rate}", "--no-class")),
         ]
-    with stage(ctx, names, OVERLOAD, SLOTS) as (_, endpoints):
+    slots = arms.Capacity(OVERLOAD.max_concurrency, batch_max_share=plan.batch_share)
+    with stage(ctx, names, OVERLOAD, slots) as (_, endpoints):
         for r in range(plan.rounds):
             for variant, name, extra in rotated_variants(variants, r):
                 endpoint = endpoints[name]
@@ -386,9 +390,9 @@ def run_overload(ctx: arms.Context, plan: Plan) -> list[Row]:
                     f"--max-tokens={OVERLOAD.output_tokens}",
                     f"--seed={r}",
                 )
-                result = measure(endpoint, ctx, lambda e=endpoint, f=flags: client("open", e, *f))
+                result = measure(endpoint, ctx, functools.partial(client, "open", endpoint, *flags))
                 row = {"scenario": "overload", "round": r, "arm": name, "level": variant}
-                row.update({"rate": rate, **result})
+                row.update({"rate": rate, "batch_share": plan.batch_share, **result})
                 rows.append(row)
                 log.info("round %d overload %s: %s", r, variant, _brief(result))
     return rows
@@ -516,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--arms", type=_csv(arms.ARMS), default=list(arms.ARMS), help=",".join(arms.ARMS)
     )
+    parser.add_argument(
+        "--batch-share", type=float, default=0.75, help="overload: batchMaxShare (0.75)"
+    )
     parser.add_argument("--streams", type=_ints, default=[], help="stream counts (64,256,1024)")
     parser.add_argument(
         "--loadgen", choices=("wrk", "aiohttp"), default="wrk", help="non-streaming client (wrk)"
@@ -561,7 +568,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan = Plan(**{**plan.__dict__, "arms": ("direct", *plan.arms)})
     if args.summarise_only:
         info = json.loads((args.out / "summary.json").read_text())["machine"]
-        rows = report.read_rows(args.out)
+        rows: list[Row] = report.read_rows(args.out)
         for folder in args.merge:
             # Later runs' rounds follow the earlier ones', so medians span all of them.
             offset = 1 + max((int(r["round"]) for r in rows), default=-1)
@@ -591,7 +598,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ctx = arms.Context(work)
         if "headway-full" in plan.arms:
             stack.callback(start_redis(ctx).stop)
-        rows: list[Row] = []
+        rows = []
         if {"latency", "sweep"} & set(plan.scenarios):
             rows += run_fast(ctx, plan)
         if "streaming" in plan.scenarios:

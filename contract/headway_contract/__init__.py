@@ -11,7 +11,6 @@ from headway_contract.document import (
     SCHEMA_VERSION,
     Backend,
     Capacity,
-    ContractError,
     Document,
     Limiter,
     Limits,
@@ -38,9 +37,11 @@ from headway_contract.keys import (
     KeyFileError,
     hash_api_key,
     load_hashing_keys,
+    parse_hashing_keys,
     sign,
     verify,
 )
+from headway_contract.reading import ContractError
 
 __all__ = [
     "CLASSES",
@@ -70,6 +71,7 @@ __all__ = [
     "loads",
     "parse",
     "parse_duration",
+    "parse_hashing_keys",
     "sign",
     "to_dict",
     "verify",

@@ -9,29 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
-from typing import Any, TypeVar
+from typing import Any
+
+from headway_contract.reading import ContractError, Reader
 
 SCHEMA_VERSION = 1
 CLASSES = ("realtime", "batch")
 FAIL_MODES = ("open", "closed")
 ON_EXCEEDED = ("reject", "demote")
-
-T = TypeVar("T")
-
-
-class ContractError(ValueError):
-    """A document that does not follow the contract; names the field path."""
-
-    def __init__(self, path: str, value: object, message: str) -> None:
-        shown = json.dumps(value, default=str)
-        if len(shown) > 80:
-            shown = shown[:77] + "..."
-        super().__init__(f"{path or '<document>'}: {message} (got {shown})")
-        self.path = path
-        self.value = value
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,123 +179,21 @@ class Document:
 # -- parsing ---------------------------------------------------------------------------------
 
 
-class _Reader:
-    """A cursor over one JSON object that knows its field path."""
-
-    def __init__(self, data: object, path: str) -> None:
-        if not isinstance(data, Mapping):
-            raise ContractError(path, data, "expected an object")
-        self.data = data
-        self.path = path
-        self.seen: set[str] = set()
-
-    def _at(self, key: str) -> str:
-        return f"{self.path}.{key}" if self.path else key
-
-    def raw(self, key: str, default: object = ...) -> object:
-        self.seen.add(key)
-        if key not in self.data or self.data[key] is None:
-            if default is ...:
-                raise ContractError(self._at(key), None, "is required")
-            return default
-        return self.data[key]
-
-    def text(self, key: str, default: object = ..., choices: Sequence[str] = ()) -> Any:
-        value = self.raw(key, default)
-        if value is default and default is not ...:
-            return value
-        if not isinstance(value, str) or not value:
-            raise ContractError(self._at(key), value, "expected a non-empty string")
-        if choices and value not in choices:
-            raise ContractError(self._at(key), value, f"expected one of {list(choices)}")
-        return value
-
-    def integer(self, key: str, default: object = ..., minimum: int = 0) -> Any:
-        value = self.raw(key, default)
-        if value is default and default is not ...:
-            return value
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ContractError(self._at(key), value, "expected an integer")
-        if value < minimum:
-            raise ContractError(self._at(key), value, f"must be at least {minimum}")
-        return value
-
-    def number(self, key: str, default: object = ..., positive: bool = True) -> Any:
-        value = self.raw(key, default)
-        if value is default and default is not ...:
-            return value
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ContractError(self._at(key), value, "expected a number")
-        if positive and value <= 0:
-            raise ContractError(self._at(key), value, "must be positive")
-        return float(value)
-
-    def flag(self, key: str, default: object = ...) -> Any:
-        value = self.raw(key, default)
-        if not isinstance(value, bool):
-            raise ContractError(self._at(key), value, "expected true or false")
-        return value
-
+class _Reader(Reader):
     def amount(self, key: str, default: object = ...) -> Any:
+        """A non-negative decimal written as a string, so no float rounding crept in."""
         value = self.raw(key, default)
-        if value is default and default is not ...:
+        if value is default:
             return value
         try:
             if not isinstance(value, str):
                 raise InvalidOperation
             amount = Decimal(value)
         except InvalidOperation:
-            raise ContractError(self._at(key), value, "expected a decimal string") from None
+            self.fail(key, value, "expected a decimal string")
         if not amount.is_finite() or amount < 0:
-            raise ContractError(self._at(key), value, "expected a non-negative amount")
+            self.fail(key, value, "expected a non-negative amount")
         return amount
-
-    def texts(self, key: str, default: object = ..., choices: Sequence[str] = ()) -> Any:
-        value = self.raw(key, default)
-        if value is default and default is not ...:
-            return value
-        if not isinstance(value, list):
-            raise ContractError(self._at(key), value, "expected a list of strings")
-        for index, item in enumerate(value):
-            if not isinstance(item, str) or not item:
-                raise ContractError(f"{self._at(key)}[{index}]", item, "expected a string")
-            if choices and item not in choices:
-                raise ContractError(
-                    f"{self._at(key)}[{index}]", item, f"expected one of {list(choices)}"
-                )
-        return tuple(value)
-
-    def obj(self, key: str) -> _Reader:
-        return _Reader(self.raw(key, {}), self._at(key))
-
-    def objects(self, key: str, parse_one: Callable[[_Reader], T]) -> tuple[T, ...]:
-        value = self.raw(key, [])
-        if not isinstance(value, list):
-            raise ContractError(self._at(key), value, "expected a list")
-        items = []
-        for index, item in enumerate(value):
-            reader = _Reader(item, f"{self._at(key)}[{index}]")
-            items.append(parse_one(reader))
-            reader.done()
-        return tuple(items)
-
-    def done(self) -> None:
-        unknown = sorted(set(self.data) - self.seen)
-        if unknown:
-            raise ContractError(self._at(unknown[0]), self.data[unknown[0]], "unknown field")
-
-
-def _sub(reader: _Reader, key: str, parse_one: Callable[[_Reader], T]) -> T:
-    sub = reader.obj(key)
-    result = parse_one(sub)
-    sub.done()
-    return result
-
-
-def _optional(reader: _Reader, key: str, parse_one: Callable[[_Reader], T]) -> T | None:
-    if reader.raw(key, None) is None:
-        return None
-    return _sub(reader, key, parse_one)
 
 
 def _queue(r: _Reader) -> QueueSettings:
@@ -322,8 +208,8 @@ def _capacity(r: _Reader) -> Capacity:
     capacity = Capacity(
         max_concurrency=r.integer("maxConcurrency", minimum=1),
         batch_max_share=share,
-        realtime=_sub(queues, "realtime", _queue),
-        batch=_sub(queues, "batch", _queue),
+        realtime=queues.sub("realtime", _queue),
+        batch=queues.sub("batch", _queue),
     )
     queues.done()
     return capacity
@@ -348,7 +234,7 @@ def _pricing(r: _Reader) -> Pricing:
 
 def _pool_ref(r: _Reader) -> PoolRef:
     return PoolRef(
-        name=r.text("name"), address=r.text("address"), pricing=_optional(r, "pricing", _pricing)
+        name=r.text("name"), address=r.text("address"), pricing=r.optional("pricing", _pricing)
     )
 
 
@@ -405,7 +291,7 @@ def _quota(r: _Reader) -> Quota:
         raise ContractError(f"{r.path}.priority.default", default, "is not an allowed class")
     return Quota(
         id=r.text("id"),
-        limits=_sub(r, "limits", _limits),
+        limits=r.sub("limits", _limits),
         routes=r.texts("routes", default=None),
         priority=QuotaPriority(default=default, allowed=allowed),
         on_exceeded=r.text("onExceeded", default="reject", choices=ON_EXCEEDED),
@@ -431,7 +317,7 @@ def _redis(r: _Reader) -> RedisSettings:
 
 def _limiter(r: _Reader) -> Limiter:
     return Limiter(
-        redis=_optional(r, "redis", _redis),
+        redis=r.optional("redis", _redis),
         fail_mode=r.text("failMode", default="open", choices=FAIL_MODES),
         redis_timeout=r.number("redisTimeout", default=0.05),
     )
@@ -449,14 +335,14 @@ def parse(data: object) -> Document:
         generation=r.integer("generation"),
         namespace=r.text("namespace"),
         pool=r.text("pool"),
-        server=_sub(r, "server", _server),
-        capacity=_sub(r, "capacity", _capacity),
+        server=r.sub("server", _server),
+        capacity=r.sub("capacity", _capacity),
         replicas=r.integer("replicas", default=1, minimum=1),
         routes=r.objects("routes", _route),
         pools=r.objects("pools", _pool_ref),
         tenants=r.objects("tenants", _tenant),
-        limiter=_sub(r, "limiter", _limiter),
-        pricing=_optional(r, "pricing", _pricing),
+        limiter=r.sub("limiter", _limiter),
+        pricing=r.optional("pricing", _pricing),
         max_body_bytes=r.integer("maxBodyBytes", default=34 * 1024 * 1024, minimum=1024),
         version=r.text("version", default=""),
     )

@@ -58,7 +58,14 @@ def load_hashing_keys(path: str | Path | None) -> HashingKeys:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise KeyFileError(f"cannot read hashing key file {path}: {e.strerror}") from e
+    return parse_hashing_keys(text, str(path))
 
+
+def parse_hashing_keys(text: str, source: str = "hashing keys") -> HashingKeys:
+    """Keys from the text of a key file (or of the Secret it is mounted from).
+
+    ``source`` names it in errors; the text itself is never shown.
+    """
     lines = [ln.strip() for ln in text.splitlines()]
     lines = [ln for ln in lines if ln and not ln.startswith("#")]
     if len(lines) == 1 and ":" not in lines[0]:
@@ -68,13 +75,13 @@ def load_hashing_keys(path: str | Path | None) -> HashingKeys:
     for number, line in enumerate(lines, start=1):
         key_id, sep, secret = line.partition(":")
         if not sep or not key_id.strip() or not secret.strip():
-            raise KeyFileError(f"{path}: line {number} is not '<id>:<secret>'")
+            raise KeyFileError(f"{source}: line {number} is not '<id>:<secret>'")
         keys.append((key_id.strip(), secret.strip().encode()))
     if not keys:
-        raise KeyFileError(f"{path}: holds no key")
+        raise KeyFileError(f"{source}: holds no key")
     ids = [key_id for key_id, _ in keys]
     if len(set(ids)) != len(ids):
-        raise KeyFileError(f"{path}: a key id appears twice")
+        raise KeyFileError(f"{source}: a key id appears twice")
     return HashingKeys(keys=tuple(keys))
 
 

@@ -33,7 +33,6 @@ import datetime
 import hashlib
 import json
 import logging
-import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -229,7 +228,7 @@ class Autoscaler:
         ]
         for pod in items:
             meta, status = pod.get("metadata") or {}, pod.get("status") or {}
-            conditions = {c.get("type"): c for c in status.get("conditions") or ()}
+            conditions = statuses.by_type(status.get("conditions"))
             scheduled = conditions.get("PodScheduled") or {}
             if scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
                 unschedulable.append(str(scheduled.get("message") or "no node fits"))
@@ -333,40 +332,24 @@ class Autoscaler:
         if condition.status != TRUE:
             state.warned.pop(condition.type, None)
             return
-        before = (
-            {c.get("type"): c.get("status") for c in previous if isinstance(c, Mapping)}
-            if isinstance(previous, list)
-            else {}
-        )
-        if before.get(condition.type) == TRUE or state.warned.get(condition.type):
+        before = statuses.by_type(previous).get(condition.type) or {}
+        if before.get("status") == TRUE or state.warned.get(condition.type):
             return
         state.warned[condition.type] = condition.reason
         await self._event(pool, uid, "Warning", condition.reason, condition.message)
 
     async def _event(self, pool: ModelPool, uid: str, kind: str, reason: str, text: str) -> None:
         """An Event for ``kubectl describe``; losing one is not an error."""
-        at = statuses.now()
-        body = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"generateName": f"{pool.name}.", "namespace": pool.namespace},
-            "involvedObject": {
-                "apiVersion": "headway.dev/v1alpha1",
-                "kind": "ModelPool",
-                "name": pool.name,
-                "namespace": pool.namespace,
-                "uid": uid,
-            },
-            "type": kind,
-            "reason": reason,
-            "message": text[: statuses.MESSAGE_LIMIT],
-            "source": {"component": MANAGER},
-            "reportingComponent": MANAGER,
-            "reportingInstance": os.environ.get("HOSTNAME", kubeapi.FIELD_MANAGER),
-            "firstTimestamp": at,
-            "lastTimestamp": at,
-            "count": 1,
-        }
+        body = statuses.event(
+            "ModelPool",
+            pool.name,
+            pool.namespace,
+            uid,
+            type_=kind,
+            reason=reason,
+            message=text,
+            component=MANAGER,
+        )
         try:
             await self._api.create(kubeapi.EVENTS, pool.namespace, body)
         except ApiError as e:

@@ -90,6 +90,13 @@ def _metadata(name: str, namespace: str, owned_by: dict[str, Any], **labels: str
     }
 
 
+def _pool_metadata(name: str, pool: ModelPool, uid: str) -> Any:
+    """Metadata of a child the pool owns and labels as its own."""
+    return _metadata(
+        name, pool.namespace, owner("ModelPool", pool.name, uid), **{POOL_LABEL: pool.name}
+    )
+
+
 # -- template checks -------------------------------------------------------------------------
 
 
@@ -168,9 +175,7 @@ def deployment(
     body: dict[str, Any] = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _metadata(
-            pool.name, pool.namespace, owner("ModelPool", pool.name, uid), **{POOL_LABEL: pool.name}
-        ),
+        "metadata": _pool_metadata(pool.name, pool, uid),
         "spec": {
             "selector": {"matchLabels": {POOL_LABEL: pool.name}},
             "template": {"metadata": meta, "spec": spec},
@@ -270,12 +275,7 @@ def config_map(pool: ModelPool, uid: str, text: str) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _metadata(
-            config_map_name(pool.name),
-            pool.namespace,
-            owner("ModelPool", pool.name, uid),
-            **{POOL_LABEL: pool.name},
-        ),
+        "metadata": _pool_metadata(config_map_name(pool.name), pool, uid),
         "data": {CONFIG_KEY: text},
     }
 
@@ -285,12 +285,7 @@ def push_token_secret(pool: ModelPool, uid: str, token: str) -> dict[str, Any]:
         "apiVersion": "v1",
         "kind": "Secret",
         "type": "Opaque",
-        "metadata": _metadata(
-            push_token_name(pool.name),
-            pool.namespace,
-            owner("ModelPool", pool.name, uid),
-            **{POOL_LABEL: pool.name},
-        ),
+        "metadata": _pool_metadata(push_token_name(pool.name), pool, uid),
         "stringData": {PUSH_TOKEN_KEY: token},
     }
 

@@ -140,7 +140,9 @@ def redis_settings(url: str | None) -> RedisSettings | None:
         return None
     parts = urlsplit(url)
     if parts.scheme not in REDIS_SCHEMES:
-        raise ValueError(f"--redis-url {url!r}: expected a redis://, rediss:// or unix:// URL")
+        # NB: the URL itself is not echoed: it may hold a password.
+        shown = f"{parts.scheme}://" if parts.scheme else "a URL without a scheme"
+        raise ValueError(f"--redis-url: expected a redis://, rediss:// or unix:// URL, not {shown}")
     # NB: the contract lands in ConfigMaps: a password goes in a mounted file instead.
     if parts.password is not None:
         raise ValueError("--redis-url: a password in the URL would be written to every config")

@@ -17,9 +17,7 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import secrets
-import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -248,14 +246,7 @@ class Reconciler:
 
     def _parse_keys(self, text: str) -> HashingKeys:
         if text not in self._keys:
-            # TODO(#6): a text parser in headway_contract.keys would spare the file; when added.
-            handle, path = tempfile.mkstemp(prefix="headway-keys-")
-            try:
-                with os.fdopen(handle, "w", encoding="utf-8") as out:
-                    out.write(text)
-                self._keys[text] = contract.load_hashing_keys(path)
-            finally:
-                os.unlink(path)
+            self._keys[text] = contract.parse_hashing_keys(text, "value")
         return self._keys[text]
 
     # -- pools -------------------------------------------------------------------------------
@@ -629,28 +620,16 @@ class Reconciler:
 
     async def _event(self, namespace: str, entry: Entry, condition: Condition) -> None:
         """A Warning Event users see in ``kubectl describe``; losing one is not an error."""
-        at = statuses.now()
-        body = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"generateName": f"{entry.name}.", "namespace": namespace},
-            "involvedObject": {
-                "apiVersion": "headway.dev/v1alpha1",
-                "kind": entry.kind,
-                "name": entry.name,
-                "namespace": namespace,
-                "uid": entry.uid,
-            },
-            "type": "Warning",
-            "reason": condition.reason,
-            "message": condition.message[: statuses.MESSAGE_LIMIT],
-            "source": {"component": kubeapi.FIELD_MANAGER},
-            "reportingComponent": kubeapi.FIELD_MANAGER,
-            "reportingInstance": os.environ.get("HOSTNAME", "headway-operator"),
-            "firstTimestamp": at,
-            "lastTimestamp": at,
-            "count": 1,
-        }
+        body = statuses.event(
+            entry.kind,
+            entry.name,
+            namespace,
+            entry.uid,
+            type_="Warning",
+            reason=condition.reason,
+            message=condition.message,
+            component=kubeapi.FIELD_MANAGER,
+        )
         try:
             await self._api.create(kubeapi.EVENTS, namespace, body)
         except ApiError as e:

@@ -113,7 +113,10 @@ def parse(namespaces: Sequence[str], all_namespaces: bool, argv: Sequence[str]) 
         parser().error("--standalone and --peering exclude each other")
     if args.watch_client_timeout <= args.watch_server_timeout:
         parser().error("--watch-client-timeout must exceed --watch-server-timeout")
-    redis = redis_settings(args.redis_url)
+    try:
+        redis = redis_settings(args.redis_url)
+    except ValueError as e:
+        parser().error(str(e))
     usage_redis = redis
     if redis is not None:
         usage_redis = replace(redis, password_file=args.redis_password_file)

@@ -11,11 +11,10 @@ from __future__ import annotations
 import base64
 import binascii
 import copy
-import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn
 
 from headway_contract import (
     CLASSES,
@@ -28,13 +27,12 @@ from headway_contract import (
     QuotaPriority,
     parse_duration,
 )
+from headway_contract.reading import Reader, shown
 
 API_VERSION = "headway.dev/v1alpha1"
 DEFAULT_NAMESPACE = "default"
 SCALING_MODES = ("operator", "external")
 ON_EXCEEDED = ("reject", "demote")
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,74 +130,22 @@ class Secret:
 # -- reading fields --------------------------------------------------------------------------
 
 
-def _shown(value: object) -> str:
-    text = json.dumps(value, default=str)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-class _Reader:
-    """A cursor over one mapping of a resource that knows its field path."""
+class _Reader(Reader):
+    """A reader that names the resource in its errors, and reads durations and money."""
 
     def __init__(self, where: tuple[str, str, str], data: object, path: str) -> None:
-        self.where = where
-        self.path = path
-        if not isinstance(data, Mapping):
-            self.fail("", data, "expected an object")
-        self.data: Mapping[str, Any] = data
-        self.seen: set[str] = set()
+        self.where = where  # kind, namespace, name
+        super().__init__(data, path)
 
-    def at(self, key: str) -> str:
-        return f"{self.path}.{key}" if self.path else key
+    def child(self, data: object, path: str) -> _Reader:
+        return _Reader(self.where, data, path)
 
     def fail(self, key: str, value: object, message: str, show: bool = True) -> NoReturn:
         kind, namespace, name = self.where
         path = self.at(key) if key else self.path
         if show:
-            message = f"{message} (got {_shown(value)})"
+            message = f"{message} (got {shown(value)})"
         raise SpecError(Problem(kind, namespace, name, path or "<resource>", message))
-
-    def raw(self, key: str, default: object = ...) -> Any:
-        self.seen.add(key)
-        value = self.data.get(key)
-        if value is None:
-            if default is ...:
-                self.fail(key, None, "is required", show=False)
-            return default
-        return value
-
-    def text(self, key: str, default: object = ..., choices: Sequence[str] = ()) -> Any:
-        value = self.raw(key, default)
-        if value is default:
-            return value
-        if not isinstance(value, str) or not value:
-            self.fail(key, value, "expected a non-empty string")
-        if choices and value not in choices:
-            self.fail(key, value, f"expected one of {', '.join(choices)}")
-        return value
-
-    def integer(self, key: str, default: object = ..., minimum: int = 0) -> Any:
-        value = self.raw(key, default)
-        if value is default:
-            return value
-        if isinstance(value, bool) or not isinstance(value, int):
-            self.fail(key, value, "expected an integer")
-        if value < minimum:
-            self.fail(key, value, f"must be at least {minimum}")
-        return value
-
-    def number(self, key: str, default: object = ...) -> Any:
-        value = self.raw(key, default)
-        if value is default:
-            return value
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-            self.fail(key, value, "expected a positive number")
-        return float(value)
-
-    def flag(self, key: str, default: bool) -> bool:
-        value = self.raw(key, default)
-        if not isinstance(value, bool):
-            self.fail(key, value, "expected true or false")
-        return bool(value)
 
     def duration(self, key: str, default: str) -> float:
         value = self.raw(key, default)
@@ -227,44 +173,6 @@ class _Reader:
         if not amount.is_finite() or amount < 0:
             self.fail(key, value, "expected a non-negative decimal amount")
         return amount
-
-    def texts(self, key: str, default: object = ..., choices: Sequence[str] = ()) -> Any:
-        value = self.raw(key, default)
-        if value is default:
-            return value
-        if not isinstance(value, list):
-            self.fail(key, value, "expected a list of strings")
-        for index, item in enumerate(value):
-            if not isinstance(item, str) or not item:
-                self.fail(f"{key}[{index}]", item, "expected a non-empty string")
-            if choices and item not in choices:
-                self.fail(f"{key}[{index}]", item, f"expected one of {', '.join(choices)}")
-        return tuple(value)
-
-    def sub(self, key: str, parse_one: Callable[[_Reader], T]) -> T:
-        reader = _Reader(self.where, self.raw(key, {}), self.at(key))
-        result = parse_one(reader)
-        reader.done()
-        return result
-
-    def optional(self, key: str, parse_one: Callable[[_Reader], T]) -> T | None:
-        return None if self.raw(key, None) is None else self.sub(key, parse_one)
-
-    def objects(self, key: str, parse_one: Callable[[_Reader], T]) -> tuple[T, ...]:
-        value = self.raw(key, [])
-        if not isinstance(value, list):
-            self.fail(key, value, "expected a list")
-        items = []
-        for index, item in enumerate(value):
-            reader = _Reader(self.where, item, f"{self.at(key)}[{index}]")
-            items.append(parse_one(reader))
-            reader.done()
-        return tuple(items)
-
-    def done(self) -> None:
-        unknown = sorted(set(self.data) - self.seen)
-        if unknown:
-            self.fail(unknown[0], self.data[unknown[0]], "unknown field")
 
 
 def _open(body: object, kind: str, api_version: str) -> tuple[_Reader, _Reader]:
@@ -305,7 +213,7 @@ def _capacity(r: _Reader) -> Capacity:
     share = r.number("batchMaxShare", 0.75)
     if share > 1:
         r.fail("batchMaxShare", share, "must be in (0, 1]")
-    queues = _Reader(r.where, r.raw("queues", {}), r.at("queues"))
+    queues = r.obj("queues")
     capacity = Capacity(
         max_concurrency=r.integer("maxConcurrency", 32, minimum=1),
         batch_max_share=share,
@@ -460,7 +368,7 @@ def _quota_priority(r: _Reader) -> QuotaPriority:
 
 
 def _secret_ref(r: _Reader) -> str:
-    ref = _Reader(r.where, r.raw("secretRef"), r.at("secretRef"))
+    ref = r.child(r.raw("secretRef"), r.at("secretRef"))
     name: str = ref.text("name")
     ref.done()
     return name

@@ -10,6 +10,7 @@ targets, queue, latency, ScalingLimited, CapacityPending).
 from __future__ import annotations
 
 import datetime
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,15 +33,18 @@ def now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def by_type(conditions: object) -> dict[object, Mapping[str, Any]]:
+    """The conditions of a status as read from the API (any shape), by their type."""
+    if not isinstance(conditions, list):
+        return {}
+    return {c.get("type"): c for c in conditions if isinstance(c, Mapping)}
+
+
 def merge(
     wanted: Iterable[Condition], current: object, generation: int, at: str
 ) -> list[dict[str, Any]]:
     """The wanted conditions as dicts, keeping the transition time of those whose status holds."""
-    previous = (
-        {c.get("type"): c for c in current if isinstance(c, Mapping)}
-        if isinstance(current, list)
-        else {}
-    )
+    previous = by_type(current)
     merged = []
     for condition in wanted:
         before = previous.get(condition.type)
@@ -60,11 +64,7 @@ def merge(
 
 def newly_false(wanted: Sequence[Condition], current: object) -> list[Condition]:
     """Conditions that turn False (or change their reason while False): worth an Event."""
-    previous = (
-        {c.get("type"): c for c in current if isinstance(c, Mapping)}
-        if isinstance(current, list)
-        else {}
-    )
+    previous = by_type(current)
     found = []
     for condition in wanted:
         if condition.status != FALSE:
@@ -78,6 +78,42 @@ def newly_false(wanted: Sequence[Condition], current: object) -> list[Condition]
 def document(kind: str, name: str, status: Mapping[str, Any]) -> dict[str, Any]:
     """A server-side-apply body for the status subresource."""
     return {"apiVersion": API_VERSION, "kind": kind, "metadata": {"name": name}, "status": status}
+
+
+def event(
+    kind: str,
+    name: str,
+    namespace: str,
+    uid: str,
+    *,
+    type_: str,
+    reason: str,
+    message: str,
+    component: str,
+) -> dict[str, Any]:
+    """An Event on one of our resources, for ``kubectl describe``; ``component`` says who acted."""
+    at = now()
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{name}.", "namespace": namespace},
+        "involvedObject": {
+            "apiVersion": API_VERSION,
+            "kind": kind,
+            "name": name,
+            "namespace": namespace,
+            "uid": uid,
+        },
+        "type": type_,
+        "reason": reason,
+        "message": message[:MESSAGE_LIMIT],
+        "source": {"component": component},
+        "reportingComponent": component,
+        "reportingInstance": os.environ.get("HOSTNAME", "headway-operator"),
+        "firstTimestamp": at,
+        "lastTimestamp": at,
+        "count": 1,
+    }
 
 
 def differs(wanted: Mapping[str, Any], current: Mapping[str, Any]) -> bool:

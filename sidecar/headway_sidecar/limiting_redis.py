@@ -341,7 +341,8 @@ def connect(settings: RedisSettings, timeout: float) -> aioredis.Redis:
 
 
 def _scheme(url: str) -> str:
-    return url.split("://", 1)[0] + "://" if "://" in url else repr(url)
+    # NB: never the whole URL: it may carry a password.
+    return url.split("://", 1)[0] + "://" if "://" in url else "a URL without a scheme"
 
 
 class RedisStore:

@@ -266,9 +266,10 @@ async def _proxy(gateway: Gateway, request: web.Request, exchange: Exchange) -> 
     exchange.labels = Labels(route=route.model if route else UNMATCHED_ROUTE)
 
     hop_header = request.headers.get(auth.HOP_HEADER)
+    arrival = Arrival(gateway, request, exchange, config, body, raw)
     if hop_header is not None:
         hop = auth.read_hop(config.keys, hop_header, pool=document.pool, body=raw)
-        return await _serve_hop(gateway, request, exchange, config, hop, body, raw)
+        return await _serve_hop(arrival, hop)
 
     tenant = config.authenticator.tenant(request.headers)
     exchange.labels = Labels(route=exchange.labels.route, tenant=tenant.name)
@@ -294,19 +295,13 @@ async def _proxy(gateway: Gateway, request: web.Request, exchange: Exchange) -> 
         gateway.metrics.demotions.labels(tenant.name).inc()
 
     call = Call(
-        request=request,
-        session=request.app[SESSION],
-        gateway=gateway,
-        config=config,
-        route=route,
-        body=body,
-        raw=raw,
+        arrival,
+        route,
         tenant=tenant.name,
         weight=min(q.fair_share_weight for q in quotas),
         priority=priority,
         estimate=estimate,
         response_headers=dict(admission.headers),
-        exchange=exchange,
     )
     try:
         return await _run(call, candidates)
@@ -318,13 +313,15 @@ async def _proxy(gateway: Gateway, request: web.Request, exchange: Exchange) -> 
 
 
 async def list_models(request: web.Request) -> web.Response:
-    """GET /v1/models: the model names clients may call, one per route."""
+    """GET /v1/models: the model names this client may call, one per route."""
     config = request.app[GATEWAY].store.current
     tenant = config.authenticator.tenant(request.headers)
     request[EXCHANGE].labels = Labels(tenant=tenant.name)
+    # The same routes a request would be served on: no quota, no model.
     data = [
         {"id": route.model, "object": "model", "created": 0, "owned_by": "headway"}
         for route in config.document.routes
+        if any(q.applies_to(route.model) for q in tenant.quotas)
     ]
     return web.json_response({"object": "list", "data": data})
 
@@ -357,8 +354,13 @@ def parse_body(raw: bytes) -> dict[str, Any]:
         raise errors.InvalidRequest(
             f"The request body is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})."
         ) from None
-    except (UnicodeDecodeError, RecursionError):
+    except UnicodeDecodeError:
         raise errors.InvalidRequest("The request body is not valid UTF-8 JSON.") from None
+    except (ValueError, RecursionError):
+        # NB: json raises a bare ValueError for an integer past Python's digit limit.
+        raise errors.InvalidRequest(
+            "The request body is not valid JSON: it nests too deeply or holds a number too long."
+        ) from None
     if not isinstance(body, dict):
         raise errors.InvalidRequest(
             f"The request body must be a JSON object, not {_json_kind(body)}."
@@ -445,31 +447,45 @@ async def _reserve(
 # -- dispatch --------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """A request as it was read: the same for a client's request and a forwarded one."""
+
+    gateway: Gateway
+    request: web.Request
+    exchange: Exchange
+    config: configuring.Config  # the config of the moment of arrival, to the end
+    body: dict[str, Any]
+    raw: bytes
+
+
 @dataclass(slots=True)
 class Call:
     """One request on its way upstream: what was decided, and what happened so far."""
 
-    request: web.Request
-    session: aiohttp.ClientSession
-    gateway: Gateway
-    config: configuring.Config
+    arrival: Arrival
     route: Route
-    body: dict[str, Any]
-    raw: bytes
     tenant: str
     weight: int
     priority: str
     estimate: int  # input tokens estimated from the body
     response_headers: dict[str, str]  # x-ratelimit-* from the admission
-    exchange: Exchange
     hop: bool = False  # forwarded here by another sidecar: local queue only
     reached_upstream: bool = False  # a model server (or sidecar) answered the request
     sent: bool = False  # went to the local model server, answered or not (charged its input)
     client: ClientStream | None = None  # the client's SSE response, once begun
 
     @property
+    def gateway(self) -> Gateway:
+        return self.arrival.gateway
+
+    @property
+    def exchange(self) -> Exchange:
+        return self.arrival.exchange
+
+    @property
     def document(self) -> Document:
-        return self.config.document
+        return self.arrival.config.document
 
     @property
     def deadline(self) -> float:
@@ -530,10 +546,12 @@ async def _dispatch(call: Call, candidates: Sequence[Backend]) -> web.StreamResp
 
 def resolve_target(call: Call, backend: Backend) -> Target:
     """The upstream of one backend: the local model server, or another pool's sidecars."""
-    document, path = call.document, call.request.path
+    document, path = call.document, call.arrival.request.path
     if backend.pool == document.pool:
         server = document.server
-        body = streaming.prepare_upstream_body(call.body, call.raw, model=backend.model)
+        body = streaming.prepare_upstream_body(
+            call.arrival.body, call.arrival.raw, model=backend.model
+        )
         return Target(
             pool=backend.pool,
             url=f"http://{server.host}:{server.port}{path}",
@@ -550,9 +568,9 @@ def resolve_target(call: Call, backend: Backend) -> Target:
             answer=None,
         )
     # The next sidecar swaps in its own model name; the hop signs these exact bytes.
-    body = streaming.prepare_upstream_body(call.body, call.raw, model=None)
+    body = streaming.prepare_upstream_body(call.arrival.body, call.arrival.raw, model=None)
     hop = auth.new_hop(
-        call.config.keys,
+        call.arrival.config.keys,
         pool=backend.pool,
         route=call.route.model,
         tenant=call.tenant,
@@ -619,7 +637,7 @@ async def _acquire(call: Call) -> queueing.Slot:
 
 def _upstream_headers(call: Call, hop: str | None) -> dict[str, str]:
     allowed = FORWARDED_REQUEST_HEADERS | call.gateway.forward_headers
-    headers = {k: v for k, v in call.request.headers.items() if k.lower() in allowed}
+    headers = {k: v for k, v in call.arrival.request.headers.items() if k.lower() in allowed}
     headers["content-type"] = "application/json"
     headers["accept-encoding"] = "identity"
     headers["x-request-id"] = call.exchange.request_id
@@ -665,7 +683,7 @@ async def _forward(call: Call, target: Target) -> web.StreamResponse:
             scope,
             # NB: a BytesIO, not bytes: aiohttp writes it in pieces, yielding to the
             # loop, where bytes over 1 MiB go in one blocking write (and warn).
-            call.session.post(
+            call.arrival.request.app[SESSION].post(
                 target.url, data=io.BytesIO(target.body), headers=target.headers, timeout=timeout
             ) as upstream,
         ):
@@ -728,7 +746,7 @@ async def _relay_stream(
 ) -> web.StreamResponse:
     """Relay an SSE answer; an error before its first token is still a status."""
     relay = streaming.Relay(
-        call.body,
+        call.arrival.body,
         input_estimate=call.estimate,
         first_token_deadline=first_token,
         deadline=call.deadline,
@@ -782,11 +800,17 @@ def _status_error(answer: web.Response) -> errors.HeadwayError:
 
 
 async def _relayed_error(call: Call, upstream: aiohttp.ClientResponse) -> web.Response:
-    """The upstream's error answer as ours: status, body and retry headers unchanged."""
+    """The upstream's error answer as ours: status and retry headers unchanged, and the
+    body too when it is OpenAI-shaped."""
     body = await upstream.content.read(_ERROR_BODY_LIMIT)
-    return web.Response(
-        status=upstream.status, body=body, headers=_response_headers(call, upstream.headers)
-    )
+    headers = _response_headers(call, upstream.headers)
+    error = streaming.upstream_error(upstream.status, body)
+    if not (isinstance(error.payload, dict) and isinstance(error.payload.get("error"), dict)):
+        # NB: another shape is rebuilt from what it says: a plain-text or HTML
+        # body may be the model server's traceback.
+        body = error.to_json()
+        headers["content-type"] = "application/json"
+    return web.Response(status=upstream.status, body=body, headers=headers)
 
 
 # -- answering the client --------------------------------------------------------------------
@@ -839,7 +863,7 @@ class ClientStream:
 
 def _begin_stream(call: Call) -> ClientStream:
     if call.client is None:
-        call.client = ClientStream(call.request, call.response_headers)
+        call.client = ClientStream(call.arrival.request, call.response_headers)
     return call.client
 
 
@@ -897,17 +921,9 @@ async def _settle(gateway: Gateway, admission: limiting.Admission, call: Call) -
         logger.exception("settling quota for request %s failed", exchange.request_id)
 
 
-async def _serve_hop(
-    gateway: Gateway,
-    request: web.Request,
-    exchange: Exchange,
-    config: configuring.Config,
-    hop: auth.Hop,
-    body: dict[str, Any],
-    raw: bytes,
-) -> web.StreamResponse:
+async def _serve_hop(arrival: Arrival, hop: auth.Hop) -> web.StreamResponse:
     """A request another pool's sidecar authenticated and charged: local queue only."""
-    document = config.document
+    exchange, document = arrival.exchange, arrival.config.document
     route = document.route(hop.route)
     backend = None
     if route is not None:
@@ -927,19 +943,13 @@ async def _serve_hop(
         if q.applies_to(route.model)
     ]
     call = Call(
-        request=request,
-        session=request.app[SESSION],
-        gateway=gateway,
-        config=config,
-        route=route,
-        body=body,
-        raw=raw,
+        arrival,
+        route,
         tenant=tenant,
         weight=min(weights, default=1),
         priority=hop.priority,
-        estimate=estimating.estimate_input_tokens(body),
+        estimate=estimating.estimate_input_tokens(arrival.body),
         response_headers={},
-        exchange=exchange,
         hop=True,
     )
     return await _run(call, [backend])

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
-from headway_contract import ContractError, KeyFileError, load_hashing_keys
+from headway_contract import load_hashing_keys
 from prometheus_client import CollectorRegistry
 
 from headway_sidecar import accesslog, admin, configuring, limiting, proxying, queueing
@@ -69,7 +69,8 @@ async def start(
     registry: CollectorRegistry,
     settings: Settings = Settings(),
 ) -> Running:
-    """Load the config, build both apps and listen; raises OSError, ContractError, KeyFileError."""
+    """Load the config, build both apps and listen; raises OSError or ValueError (ContractError,
+    KeyFileError, Redis settings the limiter refuses)."""
     metrics = Metrics(registry)
     document = configuring.read_document(config_path)
     keys = load_hashing_keys(key_file)
@@ -190,7 +191,7 @@ def run(
                 settings=settings,
             )
         )
-    except (OSError, ContractError, KeyFileError) as e:
+    except (OSError, ValueError) as e:  # ContractError, KeyFileError, bad Redis settings
         logger.error("cannot start the sidecar: %s", e)
         return 2
 

@@ -110,6 +110,10 @@ class UpstreamErrorResponse(errors.UpstreamError):
         self.status = status
         if type is not None:
             self.type = type
+        elif status == 429:
+            self.type = "rate_limit_error"
+        elif status < 500:
+            self.type = "invalid_request_error"
         if code is not None:
             self.code = code
         self.payload = payload  # the parsed error body, for logs

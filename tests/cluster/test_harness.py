@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures.kube import ControlPlane
+from tests.fixtures.kube import ControlPlane, Scratch
 
 WIDGET_CRD: dict[str, Any] = {
     "apiVersion": "apiextensions.k8s.io/v1",
@@ -73,13 +73,14 @@ def test_apiserver_reports_the_built_version(apiserver: ControlPlane) -> None:
 
 
 @pytest.mark.kube
-def test_crd_becomes_established_and_enforces_its_schema(apiserver: ControlPlane) -> None:
+def test_crd_becomes_established_and_enforces_its_schema(
+    apiserver: ControlPlane, scratch_namespace: Scratch
+) -> None:
     apiserver.apply(WIDGET_CRD)
     apiserver.wait_for(
         lambda: established(apiserver, "widgets.harness.headway.dev"), "Widget CRD Established"
     )
-    namespace = unique("crd")
-    apiserver.create_namespace(namespace)
+    namespace = scratch_namespace("crd")
 
     apiserver.apply(widget(namespace, "good", 2))
     refused = apiserver.kubectl(
@@ -93,10 +94,11 @@ def test_crd_becomes_established_and_enforces_its_schema(apiserver: ControlPlane
 
 
 @pytest.mark.kube
-def test_service_account_token_is_held_to_its_cluster_role(apiserver: ControlPlane) -> None:
-    namespace = unique("rbac")
+def test_service_account_token_is_held_to_its_cluster_role(
+    apiserver: ControlPlane, scratch_namespace: Scratch
+) -> None:
+    namespace = scratch_namespace("rbac")
     reader = unique("configmap-reader")
-    apiserver.create_namespace(namespace)
     apiserver.apply(
         [
             {
@@ -164,9 +166,10 @@ def deployment(namespace: str, name: str, gpu: bool = False) -> dict[str, Any]:
 
 
 @pytest.mark.cluster
-def test_deployment_pod_runs_on_a_kwok_node(cluster: ControlPlane) -> None:
-    namespace = unique("deploy")
-    cluster.create_namespace(namespace)
+def test_deployment_pod_runs_on_a_kwok_node(
+    cluster: ControlPlane, scratch_namespace: Scratch
+) -> None:
+    namespace = scratch_namespace("deploy")
     cluster.apply([deployment(namespace, "cpu-app"), deployment(namespace, "gpu-app", gpu=True)])
 
     cpu_pod = cluster.wait_for(
@@ -188,9 +191,8 @@ def test_deployment_pod_runs_on_a_kwok_node(cluster: ControlPlane) -> None:
 
 
 @pytest.mark.cluster
-def test_pod_can_be_given_a_loopback_ip(cluster: ControlPlane) -> None:
-    namespace = unique("podip")
-    cluster.create_namespace(namespace)
+def test_pod_can_be_given_a_loopback_ip(cluster: ControlPlane, scratch_namespace: Scratch) -> None:
+    namespace = scratch_namespace("podip")
     cluster.apply(deployment(namespace, "sidecar"))
     pod = cluster.wait_for(
         lambda: running_on_kwok(cluster, namespace, "sidecar"), "sidecar pod Running"
@@ -209,9 +211,10 @@ def test_pod_can_be_given_a_loopback_ip(cluster: ControlPlane) -> None:
 
 
 @pytest.mark.cluster
-def test_deleting_an_owner_collects_its_children(cluster: ControlPlane) -> None:
-    namespace = unique("gc")
-    cluster.create_namespace(namespace)
+def test_deleting_an_owner_collects_its_children(
+    cluster: ControlPlane, scratch_namespace: Scratch
+) -> None:
+    namespace = scratch_namespace("gc")
     cluster.apply(deployment(namespace, "doomed"))
     cluster.wait_for(lambda: running_on_kwok(cluster, namespace, "doomed"), "doomed pod Running")
 
@@ -221,3 +224,15 @@ def test_deleting_an_owner_collects_its_children(cluster: ControlPlane) -> None:
         lambda: not cluster.get("replicasets", "-n", namespace)["items"], "ReplicaSet collected"
     )
     cluster.wait_for(lambda: not pods_of(cluster, namespace, "doomed"), "pods collected")
+
+
+@pytest.mark.cluster
+def test_a_scratch_namespace_gives_its_gpu_back(cluster: ControlPlane) -> None:
+    with cluster.scratch_namespace("scratch") as namespace:
+        cluster.apply(deployment(namespace, "holder", gpu=True))
+        cluster.wait_for(lambda: running_on_kwok(cluster, namespace, "holder"), "holder Running")
+
+    assert not cluster.get("pods", "-n", namespace)["items"]
+    # The rest of the namespace goes in the background: Terminating or already gone.
+    status, body = cluster.request("GET", f"/api/v1/namespaces/{namespace}")
+    assert status == 404 or body["status"]["phase"] == "Terminating", body

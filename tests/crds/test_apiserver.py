@@ -11,8 +11,8 @@ are collected with `--validate=warn`, which reports unknown fields as warnings.
 from __future__ import annotations
 
 import json
-import secrets
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -76,10 +76,10 @@ def test_apiserver_refuses_invalid_sample_naming_the_field(
 
 
 def test_apiserver_applies_design_defaults_and_prunes_unknown_fields(
-    crds_installed: Kubectl, tmp_path: Path
+    crds_installed: Kubectl, scratch_namespace: Callable[[str], str], tmp_path: Path
 ) -> None:
-    namespace = f"crds-{secrets.token_hex(4)}"
-    crds_installed.kubectl("create", "namespace", namespace)
+    # Deleted after the test: an operator watching every namespace would run this pool.
+    namespace = scratch_namespace("crds")
     pool = {
         "apiVersion": "headway.dev/v1alpha1",
         "kind": "ModelPool",

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.fixtures.kube import ControlPlane
+from tests.fixtures.kube import ControlPlane, Scratch
 from tests.helm import charting
 from tests.helm.charting import CHART, VALUES, Helm, objects_of
 
@@ -66,9 +66,10 @@ def _dry_run(api: ControlPlane, manifest: str) -> str:
 
 
 @pytest.mark.parametrize("name", sorted(VALUES))
-def test_api_server_accepts_rendering(api: ControlPlane, helm: Helm, name: str) -> None:
-    namespace = f"hw-dry-{name}-{secrets.token_hex(3)}"
-    api.create_namespace(namespace)
+def test_api_server_accepts_rendering(
+    api: ControlPlane, scratch_namespace: Scratch, helm: Helm, name: str
+) -> None:
+    namespace = scratch_namespace(f"hw-dry-{name}")
     extra = ("--api-versions", "monitoring.coreos.com/v1") if name == "monitoring" else ()
     manifest = helm.template(VALUES[name], *extra, namespace=namespace).stdout
 
@@ -81,10 +82,11 @@ def test_api_server_accepts_rendering(api: ControlPlane, helm: Helm, name: str) 
         assert "podmonitor.monitoring.coreos.com" in out
 
 
-def test_api_server_refuses_a_broken_object(api: ControlPlane, helm: Helm) -> None:
+def test_api_server_refuses_a_broken_object(
+    api: ControlPlane, scratch_namespace: Scratch, helm: Helm
+) -> None:
     # The dry run above can fail: a field the API does not know is refused.
-    namespace = f"hw-dry-broken-{secrets.token_hex(3)}"
-    api.create_namespace(namespace)
+    namespace = scratch_namespace("hw-dry-broken")
     objects = helm.render({}, namespace=namespace)
     deployment = objects_of(objects, "Deployment")[0]
     deployment["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGet"]["prot"] = 1
@@ -137,9 +139,10 @@ def test_namespaced_install_reads_secrets_only_in_its_namespaces(helm: Helm) -> 
     assert secret_namespaces == set(NAMESPACED)
 
 
-def test_helm_server_dry_run_installs(api: ControlPlane, helm: Helm) -> None:
-    namespace = f"hw-dry-install-{secrets.token_hex(3)}"
-    api.create_namespace(namespace)
+def test_helm_server_dry_run_installs(
+    api: ControlPlane, scratch_namespace: Scratch, helm: Helm
+) -> None:
+    namespace = scratch_namespace("hw-dry-install")
     done = helm.with_kubeconfig(api.kubeconfig).run(
         "install", f"hw-{secrets.token_hex(3)}", str(CHART), "--namespace", namespace,
         "--dry-run=server",

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.fixtures.kube import ControlPlane, free_port, write_kubeconfig
+from tests.fixtures.kube import ControlPlane, Scratch, free_port, write_kubeconfig
 from tests.helm import charting
 from tests.helm.charting import CHART, REPO, Helm
 from tests.operator import operating
@@ -50,66 +50,51 @@ def helm(cluster: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Hel
     )
 
 
-def _install(helm: Helm, values: dict[str, Any], watched: str | None = None) -> Release:
-    suffix = secrets.token_hex(3)
-    name, namespace = f"hw-{suffix}", f"hw-install-{suffix}"
-    with charting.values_file(values) as path:
-        helm.run(
-            "install", name, str(CHART), "--namespace", namespace, "--create-namespace",
-            "-f", str(path), "--wait", "--timeout", "5m",
-        )  # fmt: skip
-    return Release(name, namespace, f"{name}-headway", values, watched)
-
-
-def _uninstall(helm: Helm, release: Release) -> None:
-    helm.run("uninstall", release.name, "--namespace", release.namespace, "--wait", check=False)
-
-
-def _delete_namespace(cluster: ControlPlane, namespace: str) -> None:
-    """Delete a namespace and wait for its pods to go.
-
-    The session's fake GPU node is shared: example pools left behind would
-    hold its nvidia.com/gpu capacity and starve later tests.
-    """
-    cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
-    cluster.wait_for(
-        lambda: not cluster.get("pods", "-n", namespace)["items"], f"pods of {namespace} gone"
-    )
-
-
-@pytest.fixture
-def scratch(cluster: ControlPlane) -> Iterator[Callable[[str], str]]:
-    """Makes namespaces for one test and deletes them, pods included, after it."""
-    made: list[str] = []
-
-    def make(prefix: str) -> str:
-        namespace = f"{prefix}-{secrets.token_hex(3)}"
-        cluster.create_namespace(namespace)
-        made.append(namespace)
-        return namespace
-
-    yield make
-    for namespace in made:
-        _delete_namespace(cluster, namespace)
+@contextlib.contextmanager
+def _installed(
+    cluster: ControlPlane, helm: Helm, values: dict[str, Any], watched: str | None = None
+) -> Iterator[Release]:
+    """The chart installed into a scratch namespace, uninstalled and deleted after."""
+    name = f"hw-{secrets.token_hex(3)}"
+    with cluster.scratch_namespace("hw-install") as namespace:
+        with charting.values_file(values) as path:
+            helm.run(
+                "install", name, str(CHART), "--namespace", namespace,
+                "-f", str(path), "--wait", "--timeout", "5m",
+            )  # fmt: skip
+        release = Release(name, namespace, f"{name}-headway", values, watched)
+        try:
+            yield release
+        finally:
+            helm.run("uninstall", name, "--namespace", namespace, "--wait", check=False)
 
 
 @pytest.fixture(scope="module")
-def release(helm: Helm) -> Iterator[Release]:
+def release(cluster: ControlPlane, helm: Helm) -> Iterator[Release]:
     """The chart installed with its Redis, waited on until every Deployment is Available."""
-    installed = _install(helm, {"redis": {"enabled": True}})
-    yield installed
-    _uninstall(helm, installed)
+    with _installed(cluster, helm, {"redis": {"enabled": True}}) as installed:
+        yield installed
 
 
 @pytest.fixture(scope="module")
 def namespaced_release(cluster: ControlPlane, helm: Helm) -> Iterator[Release]:
     """The chart watching one namespace, with a Role there and nothing cluster-wide."""
-    watched = f"hw-team-{secrets.token_hex(3)}"
-    cluster.create_namespace(watched)
-    installed = _install(helm, {"operator": {"watchNamespaces": [watched]}}, watched)
-    yield installed
-    _uninstall(helm, installed)
-    _delete_namespace(cluster, watched)
+    with (
+        cluster.scratch_namespace("hw-team") as watched,
+        _installed(cluster, helm, {"operator": {"watchNamespaces": [watched]}}, watched) as made,
+    ):
+        yield made
+
+
+def _remove_examples(cluster: ControlPlane, namespace: str) -> None:
+    """Delete the example pools from a namespace that outlives the test, and their pods.
+
+    The Deployments are the pools' children, so the garbage collector takes them.
+    """
+    cluster.kubectl("delete", "modelpools,inferenceroutes,tokenquotas", "--all", "-n", namespace)
+    cluster.wait_for(
+        lambda: not cluster.get("pods", "-n", namespace)["items"], f"pods of {namespace} gone"
+    )
 
 
 def _crd_names() -> list[str]:
@@ -244,8 +229,10 @@ def _make(
     return done
 
 
-def test_make_deploy_installs_the_chart(cluster: ControlPlane, helm: Helm) -> None:
-    namespace = f"hw-deploy-{secrets.token_hex(3)}"
+def test_make_deploy_installs_the_chart(
+    cluster: ControlPlane, scratch_namespace: Scratch, helm: Helm
+) -> None:
+    namespace = scratch_namespace("hw-deploy")
     kubectl = f"{cluster.bin_dir / 'kubectl'} --kubeconfig={cluster.kubeconfig}"
     helm_cmd = f"{helm.binary} --kubeconfig={cluster.kubeconfig}"
     try:
@@ -264,10 +251,10 @@ def test_make_deploy_installs_the_chart(cluster: ControlPlane, helm: Helm) -> No
 
 
 def test_make_kind_demo_swaps_every_pool_server_for_the_simulator(
-    cluster: ControlPlane, release: Release, scratch: Callable[[str], str]
+    cluster: ControlPlane, release: Release, scratch_namespace: Scratch
 ) -> None:
     del release  # for the CRDs
-    namespace = scratch("hw-demo")
+    namespace = scratch_namespace("hw-demo")
     kubectl = f"{cluster.bin_dir / 'kubectl'} --kubeconfig={cluster.kubeconfig} -n {namespace}"
 
     _make("kind-demo", f"KUBECTL={kubectl}", "IMAGE_TAG=demo")
@@ -358,11 +345,14 @@ def test_chart_operator_reconciles_examples(
     helm: Helm,
     tmp_path: Path,
     request: pytest.FixtureRequest,
-    scratch: Callable[[str], str],
+    scratch_namespace: Scratch,
     installed: str,
 ) -> None:
     release: Release = request.getfixturevalue(installed)
-    namespace = release.watched or scratch("hw-examples")
+    if release.watched:
+        # The watched namespace lives as long as the module: give its GPUs back now.
+        request.addfinalizer(lambda: _remove_examples(cluster, str(release.watched)))
+    namespace = release.watched or scratch_namespace("hw-examples")
     chart = helm.render(release.values, release=release.name, namespace=release.namespace)
     (policy,) = [o for o in chart if o["kind"] == "NetworkPolicy" and "model-pools" in str(o)]
     (priority_class,) = [o for o in chart if o["kind"] == "PriorityClass"]

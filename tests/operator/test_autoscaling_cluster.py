@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import secrets
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ from headway_operator.observing import Entry
 from headway_sidecar import serving, simulator
 from prometheus_client import CollectorRegistry
 
-from tests.fixtures.kube import ControlPlane, free_port
+from tests.fixtures.kube import ControlPlane, Scratch, free_port
 from tests.operator.autoscaling_nodes import GpuNode, gpu_node
 from tests.sidecar.conftest import document, serve, write_json
 
@@ -86,9 +85,8 @@ def _established(plane: ControlPlane, name: str) -> bool:
 
 
 @pytest.fixture
-def namespace(crds: ControlPlane) -> Iterator[str]:
-    name = f"scale-{secrets.token_hex(3)}"
-    crds.create_namespace(name)
+def namespace(crds: ControlPlane, scratch_namespace: Scratch) -> str:
+    name = scratch_namespace("scale")
     crds.apply(
         [
             {
@@ -115,11 +113,7 @@ def namespace(crds: ControlPlane) -> Iterator[str]:
             },
         ]
     )
-    yield name
-    # The GPU node is shared by the tests: give its GPUs back before the next one.
-    crds.kubectl("delete", "modelpools,deployments", "--all", "-n", name, "--wait=true")
-    crds.wait_for(lambda: not crds.get("pods", "-n", name)["items"], f"pods of {name} gone")
-    crds.kubectl("delete", "namespace", name, "--wait=false")
+    return name
 
 
 def pool_body(

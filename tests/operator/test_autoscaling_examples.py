@@ -18,7 +18,7 @@ from headway_operator import specs
 from headway_sidecar.metrics import Metrics
 from prometheus_client import CollectorRegistry
 
-from tests.fixtures.kube import ControlPlane
+from tests.fixtures.kube import ControlPlane, Scratch
 
 REPO = Path(__file__).resolve().parents[2]
 FOLDER = REPO / "examples" / "autoscaling"
@@ -99,10 +99,12 @@ def test_adapter_rule_and_hpa_name_the_same_metric_of_sidecar_series() -> None:
 
 
 @pytest.mark.kube
-def test_the_api_server_accepts_the_hpa(apiserver: ControlPlane) -> None:
-    apiserver.create_namespace("autoscaling-examples")
+def test_the_api_server_accepts_the_hpa(
+    apiserver: ControlPlane, scratch_namespace: Scratch
+) -> None:
+    namespace = scratch_namespace("autoscaling-examples")
     done = apiserver.kubectl(
-        "apply", "--dry-run=server", "--validate=strict", "-n", "autoscaling-examples",
+        "apply", "--dry-run=server", "--validate=strict", "-n", namespace,
         "-f", str(FOLDER / "hpa.yaml"), "-o", "json",
     )  # fmt: skip
     accepted = json.loads(done.stdout)

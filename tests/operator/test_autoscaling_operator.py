@@ -180,8 +180,6 @@ def scaled_pool(cluster: ControlPlane, tmp_path: Path) -> Iterator[tuple[str, Fl
             "preemptionPolicy": "Never",
         }
     )
-    namespace = operating.unique("autoscale")
-    cluster.create_namespace(namespace)
     token = operating.operator_token(cluster)
     server_port = operating.free_port("127.0.0.1")
     # Two seconds to the first token keeps requests in flight long enough to queue.
@@ -190,8 +188,11 @@ def scaled_pool(cluster: ControlPlane, tmp_path: Path) -> Iterator[tuple[str, Fl
          "--ttft", "2s", "--tpot", "10ms", "--output-tokens", "4"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
+    # Exits in reverse: the operator stops, the namespace's pods go (kwok still
+    # runs the node that holds them), then the node.
     with (
         gpu_node(cluster) as node,
+        cluster.scratch_namespace("autoscale") as namespace,
         operating.running(cluster, namespace, token, tmp_path) as operator,
     ):
         fleet = Fleet(cluster, namespace, tmp_path)
@@ -203,7 +204,6 @@ def scaled_pool(cluster: ControlPlane, tmp_path: Path) -> Iterator[tuple[str, Fl
             fleet.close()
             simulator.terminate()
             simulator.wait(timeout=20)
-            cluster.kubectl("delete", "namespace", namespace, "--wait=false")
 
 
 def test_operator_scales_a_pool_up_under_load_and_down_after_it(

@@ -20,7 +20,7 @@ import yaml
 from headway_contract import loads
 from headway_operator import running
 
-from tests.fixtures.kube import ControlPlane
+from tests.fixtures.kube import ControlPlane, Scratch
 from tests.operator import operating
 from tests.operator.operating import condition, poll
 
@@ -72,10 +72,11 @@ def _tenants(cluster: ControlPlane, namespace: str) -> set[str]:
 
 
 @pytest.fixture
-def setup(cluster: ControlPlane, tmp_path: Path) -> tuple[ControlPlane, str, str, Path]:
+def setup(
+    cluster: ControlPlane, scratch_namespace: Scratch, tmp_path: Path
+) -> tuple[ControlPlane, str, str, Path]:
     operating.install_crds(cluster)
-    namespace = operating.unique("case")
-    cluster.create_namespace(namespace)
+    namespace = scratch_namespace("case")
     return cluster, namespace, operating.operator_token(cluster), tmp_path
 
 

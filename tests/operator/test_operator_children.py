@@ -15,7 +15,7 @@ import pytest
 from headway_contract import load_hashing_keys, loads
 from headway_operator import cli
 
-from tests.fixtures.kube import ControlPlane
+from tests.fixtures.kube import ControlPlane, Scratch
 from tests.operator import operating
 from tests.operator.operating import condition, managed, poll
 
@@ -23,11 +23,9 @@ pytestmark = pytest.mark.cluster
 
 
 @pytest.fixture
-def namespace(cluster: ControlPlane) -> str:
+def namespace(cluster: ControlPlane, scratch_namespace: Scratch) -> str:
     operating.install_crds(cluster)
-    name = operating.unique("op")
-    cluster.create_namespace(name)
-    return name
+    return scratch_namespace("op")
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.kube import ControlPlane
+from tests.fixtures.kube import ControlPlane, Scratch
 from tests.operator import operating
 from tests.operator.operating import poll
 from tests.operator.test_operator_cases import _pool, _quota, _route, _tenants
@@ -20,7 +20,9 @@ from tests.operator.test_operator_cases import _pool, _quota, _route, _tenants
 pytestmark = pytest.mark.cluster
 
 
-def test_case39_b_the_standby_pauses_then_takes_over(cluster: ControlPlane, tmp_path: Path) -> None:
+def test_case39_b_the_standby_pauses_then_takes_over(
+    cluster: ControlPlane, scratch_namespace: Scratch, tmp_path: Path
+) -> None:
     operating.install_crds(cluster)
     cluster.kubectl(
         "apply", "--server-side", "-f", str(operating.ROOT / "helm/headway/crds/kopf-peering.yaml")
@@ -28,8 +30,7 @@ def test_case39_b_the_standby_pauses_then_takes_over(cluster: ControlPlane, tmp_
     cluster.kubectl(
         "wait", "--for=condition=Established", "crd/kopfpeerings.kopf.dev", "--timeout=60s"
     )
-    namespace = operating.unique("peer")
-    cluster.create_namespace(namespace)
+    namespace = scratch_namespace("peer")
     peering = {
         "apiVersion": "kopf.dev/v1",
         "kind": "KopfPeering",

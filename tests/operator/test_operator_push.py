@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from headway_contract import loads
 
-from tests.fixtures.kube import ControlPlane
+from tests.fixtures.kube import ControlPlane, Scratch
 from tests.fixtures.redis import RedisServer
 from tests.operator import operating
 from tests.operator.operating import Sidecar, admin_get, poll
@@ -113,16 +113,16 @@ def _secret_value(plane: ControlPlane, namespace: str, name: str, key: str) -> b
 
 
 @pytest.fixture
-def pool(cluster: ControlPlane, tmp_path: Path) -> Iterator[Pool]:
-    with _running_pool(cluster, tmp_path) as running:
+def pool(cluster: ControlPlane, scratch_namespace: Scratch, tmp_path: Path) -> Iterator[Pool]:
+    with _running_pool(cluster, scratch_namespace("push"), tmp_path) as running:
         yield running
 
 
 @contextlib.contextmanager
-def _running_pool(cluster: ControlPlane, tmp_path: Path, *flags: str) -> Iterator[Pool]:
+def _running_pool(
+    cluster: ControlPlane, namespace: str, tmp_path: Path, *flags: str
+) -> Iterator[Pool]:
     operating.install_crds(cluster)
-    namespace = operating.unique("push")
-    cluster.create_namespace(namespace)
     token = operating.operator_token(cluster)
 
     server_port = operating.free_port("127.0.0.1")
@@ -304,10 +304,10 @@ def test_deleting_a_route_removes_it_from_both_sidecars(pool: Pool) -> None:
 
 @pytest.mark.redis
 def test_quota_usage_is_read_from_the_shared_limiter(
-    cluster: ControlPlane, redis: RedisServer, tmp_path: Path
+    cluster: ControlPlane, redis: RedisServer, scratch_namespace: Scratch, tmp_path: Path
 ) -> None:
     flags = (f"--redis-url={redis.url}", "--usage-interval=1s")
-    with _running_pool(cluster, tmp_path, *flags) as pool:
+    with _running_pool(cluster, scratch_namespace("push"), tmp_path, *flags) as pool:
         document = poll(pool.converged, "initial push", 120, pool.operator)
         assert document.limiter.redis is not None
         for sidecar in pool.sidecars:

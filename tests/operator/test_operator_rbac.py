@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.kube import ControlPlane
+from tests.fixtures.kube import ControlPlane, Scratch
 from tests.operator import operating
 from tests.operator.operating import condition, managed, poll
 
@@ -59,11 +59,10 @@ def test_the_cluster_role_grants_what_the_operator_uses_and_no_more(
 
 
 def test_a_namespaced_install_runs_the_operator_with_roles_only(
-    cluster: ControlPlane, tmp_path: Path
+    cluster: ControlPlane, scratch_namespace: Scratch, tmp_path: Path
 ) -> None:
     operating.install_crds(cluster)
-    namespace = operating.unique("rbac")
-    cluster.create_namespace(namespace)
+    namespace = scratch_namespace("rbac")
     release = "hwns"
     objects = operating.render_rbac(
         cluster, f"operator.watchNamespaces={{{namespace}}}", release=release

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from headway_contract import loads
 
-from tests.fixtures.kube import ControlPlane
+from tests.fixtures.kube import ControlPlane, Scratch
 from tests.operator import operating
 from tests.operator.operating import condition, managed, poll
 
@@ -45,11 +45,10 @@ def _replica_sets(cluster: ControlPlane, namespace: str, pool: str) -> list[str]
 
 
 def test_an_operator_killed_mid_way_converges_without_duplicates(
-    cluster: ControlPlane, tmp_path: Path
+    cluster: ControlPlane, scratch_namespace: Scratch, tmp_path: Path
 ) -> None:
     operating.install_crds(cluster)
-    namespace = operating.unique("restart")
-    cluster.create_namespace(namespace)
+    namespace = scratch_namespace("restart")
     operator = operating.Operator(cluster, namespace, operating.operator_token(cluster), tmp_path)
     operator.start()
     try:

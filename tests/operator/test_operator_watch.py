@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.fixtures.kube import ControlPlane
+from tests.fixtures.kube import ControlPlane, Scratch
 from tests.operator import operating
 from tests.operator.operating import poll
 from tests.operator.test_operator_cases import _pool, _quota, _route, _tenants
@@ -80,11 +80,10 @@ class BlackHoleProxy:
 
 
 def test_case39_a_dead_watch_is_noticed_within_the_timeouts(
-    cluster: ControlPlane, tmp_path: Path
+    cluster: ControlPlane, scratch_namespace: Scratch, tmp_path: Path
 ) -> None:
     operating.install_crds(cluster)
-    namespace = operating.unique("watch")
-    cluster.create_namespace(namespace)
+    namespace = scratch_namespace("watch")
     token = operating.operator_token(cluster)
     address = urlsplit(cluster.url)
     proxy = BlackHoleProxy((str(address.hostname), int(address.port or 443)))

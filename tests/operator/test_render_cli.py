@@ -200,6 +200,9 @@ def test_render_reads_stdin_and_refuses_bad_flags(tmp_path: Path) -> None:
         headway("-f", "-", "--redis-url", "redis://:hunter2@127.0.0.1:6379", stdin=source),
         "--redis-url: a password in the URL",
     )
+    mistyped = headway("-f", "-", "--redis-url", "http://:hunter2@127.0.0.1:6379", stdin=source)
+    assert_refused(mistyped, "--redis-url: expected a redis://")
+    assert "hunter2" not in mistyped.stderr
     assert_refused(
         headway("-f", "-", "--key-file", str(tmp_path / "missing"), stdin=source),
         "cannot read hashing key file",

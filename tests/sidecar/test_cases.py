@@ -1343,6 +1343,7 @@ CASE_34_BODIES: dict[str, tuple[bytes, str]] = {
     "e-truncated": (VALID[:-1], "JSON"),
     "not-utf8": (b'{"model":"\xff\xfe","messages":[]}', "UTF-8"),
     "deeply-nested": (b'{"model":' + b"[" * 100_000 + b"]" * 100_000 + b"}", "JSON"),
+    "number-too-long": (b'{"model":"m","max_tokens":' + b"1" * 5000 + b"}", "JSON"),
     "stream-not-a-boolean": (json.dumps(chat(stream=True) | {"stream": "yes"}).encode(), "stream"),
 }
 
