@@ -408,7 +408,7 @@ def plot(summary: Row, folder: Path) -> list[Path]:
         labels, values = [], []
         for arm in _arms(overload):
             for level, c in overload[arm].items():
-                labels.append(level)
+                labels.append(level if arm == "direct" else f"headway: {level}")
                 values.append(c["realtime_ttft_p99_ms"] / 1e3)
         ax.barh(labels, values, color="tab:blue")
         ax.set_xscale("log")

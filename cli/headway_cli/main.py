@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -29,48 +30,107 @@ def _address(text: str) -> tuple[str, int]:
     return host or "127.0.0.1", int(port)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="headway", description=__doc__)
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
-    commands = parser.add_subparsers(dest="command", required=True)
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
-    p = commands.add_parser("sidecar", help="serve the OpenAI API in front of a model server")
+
+def _command(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], name: str, summary: str
+) -> argparse.ArgumentParser:
+    """A subcommand whose one-line summary shows both in ``headway --help`` and its own."""
+    return commands.add_parser(name, help=summary, description=summary[0].upper() + summary[1:])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="headway",
+        description="Headway: a Kubernetes-native gateway for real-time AI inference.",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,  # case-insensitive: --log-level debug
+        choices=LOG_LEVELS,
+        help="logging level (default INFO)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = _command(commands, "sidecar", "serve the OpenAI API in front of a model server")
     p.add_argument("--config", required=True, help="contract document (JSON) to load and watch")
-    p.add_argument("--listen", type=_address, default=("127.0.0.1", 8080))
-    p.add_argument("--admin-listen", type=_address, default=("127.0.0.1", 9090))
+    p.add_argument(
+        "--listen",
+        type=_address,
+        default=("127.0.0.1", 8080),
+        metavar="HOST:PORT",
+        help="public API address (default 127.0.0.1:8080)",
+    )
+    p.add_argument(
+        "--admin-listen",
+        type=_address,
+        default=("127.0.0.1", 9090),
+        metavar="HOST:PORT",
+        help="metrics, health and PUT /config address (default 127.0.0.1:9090)",
+    )
     p.add_argument("--key-file", help="hashing keys for API keys and hop headers")
     p.add_argument("--push-token-file", help="bearer token for PUT /config (else refused)")
     p.add_argument(
         "--grace", type=_duration, default=30.0, help="drain time on SIGTERM (default 30s)"
     )
 
-    p = commands.add_parser("simulate", help="an OpenAI-compatible model-server simulator")
-    p.add_argument("--listen", type=_address, default=("127.0.0.1", 8000))
+    p = _command(commands, "simulate", "run an OpenAI-compatible model-server simulator")
+    p.add_argument(
+        "--listen",
+        type=_address,
+        default=("127.0.0.1", 8000),
+        metavar="HOST:PORT",
+        help="address to serve on (default 127.0.0.1:8000)",
+    )
     p.add_argument("--ttft", type=_duration, default=0.2, help="time to first token (200ms)")
     p.add_argument("--tpot", type=_duration, default=0.02, help="time per output token (20ms)")
     p.add_argument("--output-tokens", type=int, default=64, help="tokens per answer (64)")
     p.add_argument("--max-concurrency", type=int, default=32, help="sequences at once (32)")
     p.add_argument("--no-usage", action="store_true", help="never report usage")
 
-    p = commands.add_parser("render", help="render resource YAML into contract documents")
+    p = _command(commands, "render", "render resource YAML into contract documents")
     p.add_argument("-f", dest="files", action="append", required=True, help="file or folder")
     p.add_argument("-o", dest="out_dir", help="write <namespace>.<pool>.json here (else stdout)")
     p.add_argument("--redis-url", help="Redis for shared limits (default: in-memory)")
     p.add_argument("--key-file", help="hashing keys for API keys")
-    p.add_argument("--fail-mode", choices=("open", "closed"), default="open")
+    p.add_argument(
+        "--fail-mode",
+        choices=("open", "closed"),
+        default="open",
+        help="when Redis is unreachable: admit (open) or refuse (closed) (default open)",
+    )
 
-    p = commands.add_parser("operator", help="run the kopf operator")
+    p = _command(commands, "operator", "run the operator that reconciles Headway resources")
     scope = p.add_mutually_exclusive_group()
-    scope.add_argument("--namespace", action="append", dest="namespaces", default=[])
-    scope.add_argument("--all-namespaces", action="store_true")
+    scope.add_argument(
+        "--namespace",
+        action="append",
+        dest="namespaces",
+        default=[],
+        help="namespace to watch; repeat for several (default: every namespace)",
+    )
+    scope.add_argument("--all-namespaces", action="store_true", help="watch every namespace")
     p.epilog = "Other options are the operator's own: see `headway operator -- --help`."
 
-    p = commands.add_parser("demo", help="the whole data plane on this machine, with traffic")
+    p = _command(commands, "demo", "run the whole data plane on this machine, with traffic")
     p.add_argument("--duration", type=_duration, default=60.0, help="traffic time (60s)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader left (`headway render | head`): nothing more to say. Point
+        # stdout at devnull so the interpreter's final flush cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports it
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     # The operator's own options (peering, timeouts...) are parsed by the
     # operator package, which loads kopf only when that command runs.
@@ -78,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra and args.command != "operator":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     if args.command == "sidecar":
         from headway_sidecar import serving

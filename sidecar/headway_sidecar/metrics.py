@@ -19,6 +19,8 @@ from prometheus_client.samples import Sample
 
 UNMATCHED_ROUTE = "unmatched"
 UNKNOWN_TENANT = "unknown"
+# Requests that name no model (GET /v1/models): empty, as no model can be named so.
+NO_ROUTE = ""
 
 OUTCOMES = (
     "ok",

@@ -41,7 +41,14 @@ from headway_sidecar import (
     sse,
     streaming,
 )
-from headway_sidecar.metrics import UNKNOWN_TENANT, UNMATCHED_ROUTE, Labels, Metrics, bounded
+from headway_sidecar.metrics import (
+    NO_ROUTE,
+    UNKNOWN_TENANT,
+    UNMATCHED_ROUTE,
+    Labels,
+    Metrics,
+    bounded,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -133,17 +140,15 @@ async def openai_errors(
         return error_response(e)
     except ClientGone as gone:
         # Nothing can reach the client any more; aiohttp closes the connection.
-        exchange.status, exchange.outcome = 499, "client_cancelled"
+        exchange.hung_up()
         return gone.response
     except asyncio.CancelledError:
-        exchange.status, exchange.outcome = 499, "client_cancelled"
+        exchange.hung_up()
         raise
     except web.HTTPException as e:
         if e.status < 400:
             raise
-        code = e.reason.lower().replace(" ", "_")
-        failure = errors.InvalidRequest(f"{request.method} {exchange.path}: {e.reason}", code=code)
-        failure.status = e.status
+        failure = _http_error(request, e)
         exchange.fail(failure)
         return error_response(failure)
     except Exception:
@@ -153,6 +158,26 @@ async def openai_errors(
         return error_response(internal)
     finally:
         record(request.app[GATEWAY].metrics, exchange)
+
+
+def _http_error(request: web.Request, error: web.HTTPException) -> errors.HeadwayError:
+    """aiohttp's routing answers (404, 405...) in OpenAI's words, naming the real path
+    (shortened: it is only echoed, never a label)."""
+    path = request.path[:_SHOWN_PATH]
+    if isinstance(error, web.HTTPMethodNotAllowed):
+        allowed = " or ".join(sorted(error.allowed_methods))
+        message = f"{allowed} is required on {path}"
+        code = "method_not_allowed"
+    elif isinstance(error, web.HTTPNotFound):
+        message, code = f"Invalid URL ({request.method} {path})", "unknown_url"
+    else:
+        message, code = f"{error.reason} ({request.method} {path})", None
+    failure = errors.InvalidRequest(message, code=code or error.reason.lower().replace(" ", "_"))
+    failure.status = error.status
+    return failure
+
+
+_SHOWN_PATH = 200
 
 
 # -- the record of one request ---------------------------------------------------------------
@@ -178,6 +203,14 @@ class Exchange:
     queue_wait: float | None = None
     ttft: float | None = None
     tpot: float | None = None
+    # The whole answer, its terminal event included, was written to the client.
+    delivered: bool = False
+
+    def hung_up(self) -> None:
+        """The client left; once it had the whole answer, leaving is no cancel
+        (``curl -N`` closes right after ``[DONE]``, before the chunked end)."""
+        if not self.delivered:
+            self.status, self.outcome = 499, "client_cancelled"
 
     def fail(self, error: errors.HeadwayError) -> None:
         self.status = error.status
@@ -316,7 +349,7 @@ async def list_models(request: web.Request) -> web.Response:
     """GET /v1/models: the model names this client may call, one per route."""
     config = request.app[GATEWAY].store.current
     tenant = config.authenticator.tenant(request.headers)
-    request[EXCHANGE].labels = Labels(tenant=tenant.name)
+    request[EXCHANGE].labels = Labels(route=NO_ROUTE, tenant=tenant.name)
     # The same routes a request would be served on: no quota, no model.
     data = [
         {"id": route.model, "object": "model", "created": 0, "owned_by": "headway"}
@@ -766,6 +799,7 @@ async def _relay_stream(
         async with contextlib.aclosing(rest):
             async for piece in rest:
                 await client.send(piece)
+        call.exchange.delivered = True
         await client.finish()
         finished = True
         return client.response
