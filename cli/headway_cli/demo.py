@@ -79,6 +79,9 @@ async def _main(duration: float, out: Path, processes: Processes) -> None:
     assert main_task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
 
+    # An interrupted run writes no report: an older one must not pass for its own.
+    for name in ("report.txt", "report.json", "ttft.png"):
+        (out / name).unlink(missing_ok=True)
     stack = demo_stack.render(demo_stack.examples_dir(), out)
     if stack.redis_url:
         demo_stack.check_redis(stack.redis_url)

@@ -274,6 +274,9 @@ def _wait_for(run: Run, needle: str, timeout: float) -> None:
 
 
 def test_demo_sigint_stops_every_child(tmp_path: Path) -> None:
+    stale = tmp_path / "demo-output" / "report.json"  # an earlier run's report
+    stale.parent.mkdir()
+    stale.write_text("{}")
     run = _start(tmp_path, "2m")
     children: set[int] = set()
     try:
@@ -291,6 +294,7 @@ def test_demo_sigint_stops_every_child(tmp_path: Path) -> None:
         stderr = run.stderr.read_text()
         assert "interrupted" in stderr and "logs:" in stderr, stderr
         assert "Traceback" not in stderr, stderr
+        assert not stale.exists(), "an interrupted run left an older report looking current"
     finally:
         if run.process.poll() is None or any(_alive(pid) for pid in children):
             _kill(run, children)
